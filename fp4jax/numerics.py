@@ -1,0 +1,191 @@
+"""Element formats and rounding. Pure jax.numpy.
+
+Owns: the value grids of the FP4 formats E2M1 / E1M2 / E3M0 and of FP8 E4M3 /
+E5M2, their maxima, and rounding onto them: "paper" (the released CUDA
+look-up table: thresholds at midpoints, ties go up toward +inf, saturate),
+"rne" (round half to even on magnitudes, what ml_dtypes casts do) and
+"stochastic" (unbiased, explicit PRNG key). Also the saturating FP8 cast and
+the E8M0 / E4M3 block-scale casts.
+
+Must not import: flax, ml_collections, tensorflow, anything else in fp4jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROUNDING_MODES = ("paper", "rne", "stochastic")
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+  """An element format: its non-negative magnitudes and, if any, a jnp dtype.
+
+  Attributes:
+    name: "e2m1", "e1m2", "e3m0", "e4m3" or "e5m2".
+    magnitudes: sorted non-negative representable values (FP4 only; FP8
+      formats round by casting to `dtype`).
+    max: largest finite magnitude.
+    emax: exponent of the largest binade, floor(log2(max)); the MX scale
+      puts a block's amax into this binade.
+    dtype: the matching jnp dtype, or None where JAX has none (E1M2, E3M0).
+  """
+  name: str
+  magnitudes: tuple[float, ...] | None
+  max: float
+  emax: int
+  dtype: object | None
+
+  @property
+  def is_fp4(self) -> bool:
+    return self.magnitudes is not None
+
+
+FORMATS: dict[str, Format] = {
+    "e2m1": Format("e2m1", (0., .5, 1., 1.5, 2., 3., 4., 6.), 6., 2,
+                   jnp.float4_e2m1fn),
+    "e1m2": Format("e1m2", (0., .5, 1., 1.5, 2., 2.5, 3., 3.5), 3.5, 1, None),
+    "e3m0": Format("e3m0", (0., .25, .5, 1., 2., 4., 8., 16.), 16., 4, None),
+    "e4m3": Format("e4m3", None, 448., 8, jnp.float8_e4m3fn),
+    "e5m2": Format("e5m2", None, 57344., 15, jnp.float8_e5m2),
+}
+
+
+def get_format(fmt: str) -> Format:
+  """Returns the Format named `fmt`; ValueError naming `fmt` if unknown."""
+  try:
+    return FORMATS[fmt]
+  except (KeyError, TypeError):
+    raise ValueError(
+        f"unknown fmt {fmt!r}; expected one of {sorted(FORMATS)}") from None
+
+
+def max_value(fmt: str) -> float:
+  """Largest finite magnitude of `fmt` (6 for E2M1, 448 for E4M3, ...)."""
+  return get_format(fmt).max
+
+
+def grid(fmt: str) -> np.ndarray:
+  """All distinct representable values of an FP4 format, sorted, float32."""
+  f = get_format(fmt)
+  if not f.is_fp4:
+    raise ValueError(f"grid() is only defined for FP4 formats, got fmt={fmt!r}")
+  pos = np.asarray(f.magnitudes, np.float32)
+  return np.concatenate([-pos[:0:-1], pos])
+
+
+def _signed_grid(f: Format) -> tuple[np.ndarray, np.ndarray]:
+  g = grid(f.name).astype(np.float64)
+  return g, (g[1:] + g[:-1]) / 2
+
+
+def _round_paper(x: jax.Array, f: Format) -> jax.Array:
+  # Threshold chain of the released LUT kernel: v >= t moves up one grid
+  # step, so exact midpoints go to the upper neighbour (toward +inf).
+  # Unrolled over the 14 thresholds so XLA fuses it into one elementwise
+  # loop (a gather or searchsorted is ~10x slower on CPU).
+  g, thr = _signed_grid(f)
+  out = jnp.full(x.shape, g[0], jnp.float32)
+  for t, step in zip(thr, np.diff(g)):
+    out = out + jnp.where(x >= t, jnp.float32(step), 0.)
+  return out
+
+
+def _round_rne(x: jax.Array, f: Format) -> jax.Array:
+  # Round half to even on the magnitude: a tie goes to the neighbour whose
+  # code (index among the magnitudes) is even, as IEEE / ml_dtypes do.
+  mags = np.asarray(f.magnitudes, np.float64)
+  a = jnp.abs(x)
+  out = jnp.zeros(x.shape, jnp.float32)
+  for j in range(len(mags) - 1):
+    t = (mags[j] + mags[j + 1]) / 2
+    up_on_tie = (j + 1) % 2 == 0
+    take = (a >= t) if up_on_tie else (a > t)
+    out = out + jnp.where(take, jnp.float32(mags[j + 1] - mags[j]), 0.)
+  return jnp.where(x < 0, -out, out)
+
+
+def _round_stochastic(x: jax.Array, f: Format, key: jax.Array) -> jax.Array:
+  # Unbiased: round up with probability (x - lo) / (hi - lo) where lo <= x <=
+  # hi are the neighbouring grid values; values beyond +-max saturate.
+  g = grid(f.name).astype(np.float64)
+  xc = jnp.clip(x, -f.max, f.max)
+  lo = jnp.full(x.shape, g[0], jnp.float32)
+  hi = jnp.full(x.shape, g[0], jnp.float32)
+  for j, step in enumerate(np.diff(g)):
+    lo = lo + jnp.where(xc >= g[j + 1], jnp.float32(step), 0.)
+    hi = hi + jnp.where(xc > g[j], jnp.float32(step), 0.)
+  gap = hi - lo
+  p = jnp.where(gap > 0, (xc - lo) / jnp.where(gap > 0, gap, 1.), 0.)
+  u = jax.random.uniform(key, x.shape, jnp.float32)
+  return jnp.where(u < p, hi, lo)
+
+
+def cast_fp8(x: jax.Array, fmt: str) -> jax.Array:
+  """Saturating cast to FP8 E4M3 / E5M2, returned in the FP8 dtype.
+
+  JAX's FP8 casts do not saturate (e4m3fn: 500 -> NaN, e5m2: 1e6 -> inf), so
+  values are clipped to +-max first. NaN stays NaN.
+  """
+  f = get_format(fmt)
+  if f.is_fp4:
+    raise ValueError(f"cast_fp8 needs an FP8 fmt, got fmt={fmt!r}")
+  return jnp.clip(x, -f.max, f.max).astype(f.dtype)
+
+
+def round_to_format(x: jax.Array, fmt: str, mode: str = "paper",
+                    key: jax.Array | None = None) -> jax.Array:
+  """Rounds already-scaled values onto the grid of `fmt`.
+
+  Args:
+    x: any float array, already multiplied by its scale.
+    fmt: "e2m1" | "e1m2" | "e3m0" | "e4m3" | "e5m2".
+    mode: "paper" (LUT, ties up), "rne" (ties to even) or "stochastic".
+      For FP8 formats "paper" and "rne" are the same saturating cast.
+    key: PRNG key, required for mode="stochastic".
+
+  Returns:
+    Values on the format's grid (saturated at +-max), same shape and dtype
+    as `x`. NaN stays NaN.
+  """
+  f = get_format(fmt)
+  if mode not in ROUNDING_MODES:
+    raise ValueError(
+        f"unknown mode {mode!r}; expected one of {ROUNDING_MODES}")
+  x = jnp.asarray(x)
+  if mode == "stochastic" and key is None:
+    raise ValueError("mode='stochastic' needs a PRNG key (argument key)")
+  if not f.is_fp4:
+    if mode == "stochastic":
+      raise ValueError(
+          f"mode='stochastic' is implemented for FP4 formats, not fmt={fmt!r}")
+    return cast_fp8(x, fmt).astype(x.dtype)
+  xf = x.astype(jnp.float32)
+  if mode == "paper":
+    out = _round_paper(xf, f)
+  elif mode == "rne":
+    out = _round_rne(xf, f)
+  else:
+    out = _round_stochastic(xf, f, key)
+  # Every FP4 grid value is exact in bf16/f16/f32, so this cast is exact.
+  return jnp.where(jnp.isnan(xf), xf, out).astype(x.dtype)
+
+
+def cast_scale(s: jax.Array, scale_fmt: str) -> jax.Array:
+  """Rounds a positive f32 decode scale to its storage format.
+
+  "f32": unchanged. "e8m0": a power of two (floor of log2, the OCP MX rule
+  for the shared exponent). "e4m3": the saturating FP8 E4M3 cast (NVFP4).
+  """
+  if scale_fmt == "f32":
+    return s
+  if scale_fmt == "e8m0":
+    return jnp.exp2(jnp.clip(jnp.floor(jnp.log2(s)), -127., 127.))
+  if scale_fmt == "e4m3":
+    return cast_fp8(s, "e4m3").astype(jnp.float32)
+  raise ValueError(
+      f"unknown scale_fmt {scale_fmt!r}; expected 'f32', 'e8m0' or 'e4m3'")

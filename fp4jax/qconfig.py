@@ -1,0 +1,293 @@
+"""Quantization specs: what each GEMM of a quantized matmul does. No compute.
+
+Owns: the frozen dataclasses `TensorQuant` (one operand) and `Recipe` (the
+three GEMMs of a linear layer: forward, dgrad, wgrad, plus DGE and OCC), the
+named recipes, and regex rules that pick a recipe per layer path.
+
+Must not import: jax compute, flax, ml_collections, anything in fp4jax except
+`numerics` (for the format table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Sequence
+
+from fp4jax import numerics
+
+SCALE_FMTS = ("f32", "e8m0", "e4m3")
+COMPENSATIONS = ("none", "dense", "sparse")
+IMPLS = ("auto", "reference", "fast")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TensorQuant:
+  """How one 2-D GEMM operand is quantized.
+
+  Attributes:
+    fmt: element format, a key of `numerics.FORMATS`.
+    axis: the operand axis reduced for absmax: 1 (= -1) on activations
+      [M, K] gives one scale per token, 0 on weights [K, N] one scale per
+      output channel; None = one scale for the whole tensor.
+    block: if > 0, scaling groups are `block` consecutive elements along
+      `axis` (MXFP4: 32, NVFP4: 16).
+    scale_fmt: how decode scales are stored: "f32" (paper), "e8m0" (MX power
+      of two) or "e4m3" (NVFP4).
+    pow2: floor the scale to a power of two (the released code).
+    rounding: "paper" | "rne" | "stochastic".
+    tensor_scale: NVFP4's second level, one f32 scale per tensor so that the
+      E4M3 block scales stay in range.
+  """
+  fmt: str = "e2m1"
+  axis: int | None = -1
+  block: int = 0
+  scale_fmt: str = "f32"
+  pow2: bool = False
+  rounding: str = "paper"
+  tensor_scale: bool = False
+
+  def __post_init__(self):
+    numerics.get_format(self.fmt)
+    if self.rounding not in numerics.ROUNDING_MODES:
+      raise ValueError(f"unknown rounding {self.rounding!r}; expected one of "
+                       f"{numerics.ROUNDING_MODES}")
+    if self.scale_fmt not in SCALE_FMTS:
+      raise ValueError(f"unknown scale_fmt {self.scale_fmt!r}; expected one "
+                       f"of {SCALE_FMTS}")
+    if self.axis not in (None, -2, -1, 0, 1):
+      raise ValueError(f"axis must be 0, 1 (or -2, -1) or None for a 2-D "
+                       f"operand, got axis={self.axis!r}")
+    if not isinstance(self.block, int) or self.block < 0:
+      raise ValueError(f"block must be a non-negative int, got {self.block!r}")
+    if self.block and self.axis is None:
+      raise ValueError("block scaling needs an axis, got axis=None")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+  """The quantization of one linear layer y = x @ w, GEMM by GEMM.
+
+  Operands are 2-D: x [M, K], w [K, N], upstream gradient g [M, N].
+  `None` for an operand means it stays in high precision.
+
+  Attributes:
+    name: for logs.
+    x: forward lhs (activations), e.g. FP4 per token.
+    w: forward rhs (weights), e.g. FP4 per output channel.
+    g_dgrad: g in dx = g @ w^T (axis refers to g's [M, N] layout).
+    g_wgrad: g in dw = x^T @ g.
+    dge_k: DGE sharpness k (> 1) for the weight gradient; None = STE.
+    dge_cap: cap of the DGE derivative.
+    occ_alpha: OCC quantile in (0.5, 1); None = no clamping.
+    occ_axis: -1 = per token (row) order statistics, None = tensor-wise.
+    compensation: "none" (released code), "dense" (research code: add the
+      residual back before the GEMM) or "sparse" (paper: separate high
+      precision GEMM residual @ w).
+    hw_faithful: re-quantize x and w along the backward GEMMs' own
+      contraction axes (as hardware must) instead of reusing the forward's
+      quantized operands (exact only in simulation).
+    impl: GEMM implementation: "reference" (f32 operands, the oracle),
+      "fast" (bf16 operands where exact), "auto" (reference on CPU, fast
+      elsewhere).
+  """
+  name: str = "custom"
+  x: TensorQuant | None = None
+  w: TensorQuant | None = None
+  g_dgrad: TensorQuant | None = None
+  g_wgrad: TensorQuant | None = None
+  dge_k: float | None = None
+  dge_cap: float = 3.0
+  occ_alpha: float | None = None
+  occ_axis: int | None = -1
+  compensation: str = "none"
+  hw_faithful: bool = False
+  impl: str = "auto"
+
+  def __post_init__(self):
+    if self.dge_k is not None and not self.dge_k > 1:
+      raise ValueError(f"dge_k must be > 1 (or None for STE), got "
+                       f"{self.dge_k!r}")
+    if not self.dge_cap > 0:
+      raise ValueError(f"dge_cap must be > 0, got {self.dge_cap!r}")
+    if self.occ_alpha is not None and not 0.5 < self.occ_alpha < 1:
+      raise ValueError(f"occ_alpha must be in (0.5, 1) (or None), got "
+                       f"{self.occ_alpha!r}")
+    if self.occ_axis not in (None, -1, 1):
+      raise ValueError(f"occ_axis must be -1 (per token) or None, got "
+                       f"{self.occ_axis!r}")
+    if self.compensation not in COMPENSATIONS:
+      raise ValueError(f"unknown compensation {self.compensation!r}; "
+                       f"expected one of {COMPENSATIONS}")
+    if self.impl not in IMPLS:
+      raise ValueError(f"unknown impl {self.impl!r}; expected one of {IMPLS}")
+    if self.occ_alpha is not None and self.x is None:
+      raise ValueError("occ_alpha is set but activations are not quantized "
+                       "(x=None)")
+
+  @property
+  def quantizes(self) -> bool:
+    """True if any GEMM operand is quantized or the gradient is reshaped."""
+    return any(o is not None for o in
+               (self.x, self.w, self.g_dgrad, self.g_wgrad)) or (
+                   self.dge_k is not None or self.occ_alpha is not None)
+
+  @property
+  def needs_key(self) -> bool:
+    ops = (self.x, self.w, self.g_dgrad, self.g_wgrad)
+    return any(o is not None and o.rounding == "stochastic" for o in ops)
+
+
+# ----------------------------------------------------------------- recipes
+_X4 = TensorQuant(fmt="e2m1", axis=-1)                 # per token
+_W4 = TensorQuant(fmt="e2m1", axis=0)                  # per output channel
+_G8 = TensorQuant(fmt="e5m2", axis=None, rounding="rne")  # per tensor
+_MX = dict(fmt="e2m1", block=32, scale_fmt="e8m0", rounding="rne")
+_NV = dict(fmt="e2m1", block=16, scale_fmt="e4m3", tensor_scale=True)
+
+RECIPES: dict[str, Recipe] = {
+    "bf16": Recipe(name="bf16"),
+    "fp8": Recipe(
+        name="fp8", x=TensorQuant(fmt="e4m3", axis=None, rounding="rne"),
+        w=TensorQuant(fmt="e4m3", axis=None, rounding="rne"),
+        g_dgrad=_G8, g_wgrad=_G8),
+    "w4a4_direct": Recipe(name="w4a4_direct", x=_X4, w=_W4, g_dgrad=_G8,
+                          g_wgrad=_G8),
+    "w4a8": Recipe(
+        name="w4a8", x=TensorQuant(fmt="e4m3", axis=-1, rounding="rne"),
+        w=_W4, g_dgrad=_G8, g_wgrad=_G8, dge_k=5.0),
+    "w8a4": Recipe(
+        name="w8a4", x=_X4, w=TensorQuant(fmt="e4m3", axis=0, rounding="rne"),
+        g_dgrad=_G8, g_wgrad=_G8, occ_alpha=0.99, compensation="sparse"),
+    "fp4_paper": Recipe(name="fp4_paper", x=_X4, w=_W4, g_dgrad=_G8,
+                        g_wgrad=_G8, dge_k=5.0, occ_alpha=0.99,
+                        compensation="sparse"),
+    "fp4_code": Recipe(
+        name="fp4_code", x=TensorQuant(fmt="e2m1", axis=-1, pow2=True),
+        w=TensorQuant(fmt="e2m1", axis=1, pow2=True), g_dgrad=_G8,
+        g_wgrad=_G8, dge_k=5.0, occ_alpha=0.99, compensation="none"),
+    "mxfp4": Recipe(
+        name="mxfp4", x=TensorQuant(axis=-1, **_MX),
+        w=TensorQuant(axis=0, **_MX), g_dgrad=_G8, g_wgrad=_G8),
+    "nvfp4": Recipe(
+        name="nvfp4", x=TensorQuant(axis=-1, rounding="rne", **_NV),
+        w=TensorQuant(axis=0, rounding="rne", **_NV),
+        g_dgrad=TensorQuant(axis=-1, rounding="stochastic", **_NV),
+        g_wgrad=TensorQuant(axis=0, rounding="stochastic", **_NV),
+        hw_faithful=True),
+}
+
+# Overrides that apply to every quantized operand of the recipe (fwd x and w
+# and the gradients) or to the forward operands only.
+_ALL_OPERANDS = ("rounding",)
+_FWD_OPERANDS = ("pow2", "fmt", "scale_fmt", "block")
+_OPERANDS = ("x", "w", "g_dgrad", "g_wgrad")
+
+
+def get_recipe(name: str | Recipe, **overrides: Any) -> Recipe:
+  """A named recipe with fields overridden.
+
+  Args:
+    name: a key of RECIPES, or a Recipe (returned with overrides applied).
+    **overrides: Recipe fields (dge_k=3.0, occ_alpha=0.97,
+      compensation="dense", hw_faithful=True, ...); operand fields as
+      "<operand>__<field>" (x__fmt="e1m2", w__axis=1); shortcuts: pow2, fmt,
+      scale_fmt, block (forward operands), rounding (all FP4 operands),
+      weight_axis ("out" = paper, "in" = released code).
+
+  Raises:
+    ValueError: unknown recipe name or override key.
+  """
+  if isinstance(name, Recipe):
+    r = name
+  else:
+    try:
+      r = RECIPES[name]
+    except (KeyError, TypeError):
+      raise ValueError(f"unknown recipe {name!r}; expected one of "
+                       f"{sorted(RECIPES)}") from None
+  fields = {f.name for f in dataclasses.fields(Recipe)}
+  top, ops = {}, {o: {} for o in _OPERANDS}
+  for key, val in overrides.items():
+    if key in fields:
+      top[key] = val
+    elif "__" in key and key.split("__", 1)[0] in _OPERANDS:
+      op, field = key.split("__", 1)
+      ops[op][field] = val
+    elif key in _FWD_OPERANDS:
+      ops["x"][key] = ops["w"][key] = val
+    elif key in _ALL_OPERANDS:
+      for op in _OPERANDS:
+        q = getattr(r, op)
+        if q is not None and numerics.get_format(q.fmt).is_fp4:
+          ops[op][key] = val
+    elif key == "weight_axis":
+      if val not in ("out", "in"):
+        raise ValueError(f"weight_axis must be 'out' or 'in', got {val!r}")
+      ops["w"]["axis"] = 0 if val == "out" else 1
+    else:
+      raise ValueError(f"unknown recipe override {key!r}; expected a Recipe "
+                       f"field {sorted(fields)}, <operand>__<field>, or one "
+                       f"of {_FWD_OPERANDS + _ALL_OPERANDS + ('weight_axis',)}")
+  for op, kw in ops.items():
+    if not kw:
+      continue
+    base = top.get(op, getattr(r, op))
+    if base is None:
+      raise ValueError(f"override {sorted(kw)} for operand {op!r}, which "
+                       f"recipe {r.name!r} does not quantize")
+    top[op] = dataclasses.replace(base, **kw)
+  return dataclasses.replace(r, **top) if top else r
+
+
+# ------------------------------------------------------------------- rules
+Rule = tuple[str, "Recipe | None"]
+
+# RECIPE §5: the four block projections are quantized (QKV, attention out,
+# MLP gate/up, MLP down); embeddings, attention scores and LM head are not.
+PROJECTION_PATTERN = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def default_rules(recipe: Recipe | str | None) -> tuple[Rule, ...]:
+  """RECIPE §5 default: `recipe` on the block projections, the rest plain."""
+  if isinstance(recipe, str):
+    recipe = get_recipe(recipe)
+  if recipe is None or not recipe.quantizes:
+    return ()
+  return ((PROJECTION_PATTERN, recipe),)
+
+
+def resolve_rules(paths: Sequence[str], rules: Sequence[Rule]
+                  ) -> dict[str, Recipe | None]:
+  """Maps each layer path to the recipe of the first rule that fullmatches.
+
+  Args:
+    paths: module paths such as "layers.0.attn.q_proj".
+    rules: ordered (regex, Recipe | recipe name | None) pairs.
+
+  Returns:
+    path -> Recipe (None where no rule matched, or the rule says None).
+
+  Raises:
+    ValueError: a rule matches no path (a typo would otherwise silently
+      leave layers unquantized), or a regex does not compile.
+  """
+  compiled = []
+  for pattern, recipe in rules:
+    try:
+      compiled.append(re.compile(pattern))
+    except re.error as e:
+      raise ValueError(f"quant rule {pattern!r} is not a valid regex: {e}"
+                       ) from None
+  recipes = [get_recipe(r) if isinstance(r, str) else r for _, r in rules]
+  table, used = {}, [0] * len(rules)
+  for p in paths:
+    table[p] = None
+    for i, rx in enumerate(compiled):
+      if rx.fullmatch(p):
+        table[p], used[i] = recipes[i], used[i] + 1
+        break
+  unused = [rules[i][0] for i, n in enumerate(used) if n == 0]
+  if unused:
+    raise ValueError(f"quant rules matched no layer: {unused}")
+  return table

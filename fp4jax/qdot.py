@@ -1,0 +1,253 @@
+"""The quantized matmul: one custom_vjp over 2-D operands, three GEMMs.
+
+Owns: `qmatmul(x, w, recipe, key)` = x [M, K] @ w [K, N] whose forward,
+dgrad (dx = g @ w^T) and wgrad (dw = x^T @ g) GEMMs each quantize their
+operands as the `Recipe` says (RECIPE §5), with DGE on the weight gradient
+(§3) and OCC on the activations (§4); the GEMM implementations (one dispatch
+point, `GEMM_IMPLS`); and `make_dot_general`, the `lax.dot_general`-shaped
+seam for Flax layers and einsums.
+
+Must not import: flax, ml_collections, fp4jax modules right of `quant`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fp4jax import numerics, quant
+from fp4jax.qconfig import RECIPES, Recipe, TensorQuant, get_recipe
+
+__all__ = ["qmatmul", "get_recipe", "make_dot_general", "RECIPES",
+           "GEMM_IMPLS"]
+
+_NN = (((1,), (0,)), ((), ()))   # [M, K] @ [K, N]
+_NT = (((1,), (1,)), ((), ()))   # [M, N] @ [K, N]^T -> [M, K]
+_TN = (((0,), (0,)), ((), ()))   # [M, K]^T @ [M, N] -> [K, N]
+
+
+class GemmImpl(NamedTuple):
+  """How GEMMs run. grid_dtype: operands holding raw grid values (exact in
+  it); deq_dtype: operands holding dequantized / high-precision values."""
+  grid_dtype: object
+  deq_dtype: object
+
+
+# One dispatch point for GEMM implementations, resolved before tracing by
+# dict lookup (a Pallas FP8 kernel registers here later).
+GEMM_IMPLS: dict[str, GemmImpl] = {
+    # f32 operands everywhere: the oracle; fast on CPU, where bf16 dots are
+    # emulated anyway.
+    "reference": GemmImpl(jnp.float32, jnp.float32),
+    # bf16 operands: exact for FP4/FP8 grid values (<= 4 significant bits),
+    # rounds dequantized operands to bf16 as the paper's BF16 simulation.
+    "fast": GemmImpl(jnp.bfloat16, jnp.bfloat16),
+}
+
+
+def _impl(recipe: Recipe) -> GemmImpl:
+  name = recipe.impl
+  if name == "auto":
+    name = "reference" if jax.default_backend() == "cpu" else "fast"
+  return GEMM_IMPLS[name]
+
+
+def _dot(a, b, dims, dtype):
+  precision = (jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None)
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims,
+                             precision=precision,
+                             preferred_element_type=jnp.float32)
+
+
+def _per_row(q: TensorQuant) -> bool:    # scale factors out of [M, K] rows
+  return not q.block and q.axis in (None, 1, -1)
+
+
+def _per_col(q: TensorQuant) -> bool:    # scale factors out of [K, N] cols
+  return not q.block and q.axis in (None, 0, -2)
+
+
+def _keys(key, n):
+  return (None,) * n if key is None else tuple(jax.random.split(key, n))
+
+
+def _fwd_core(x, w, r: Recipe, key):
+  """Forward GEMM. Returns y [M, N] f32 and what the backward needs."""
+  impl = _impl(r)
+  kx, kw, kb = _keys(key, 3)
+  x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+  if r.occ_alpha is not None:
+    xc, resid = quant.occ_clamp(x32, r.occ_alpha, r.occ_axis)
+  else:
+    xc, resid = x32, None
+  qx = quant.quantize(xc, r.x, kx) if r.x is not None else None
+  qw = quant.quantize(w32, r.w, kw) if r.w is not None else None
+  x_deq = qx.dequantize() if qx is not None else xc
+  w_deq = qw.dequantize() if qw is not None else w32
+
+  if r.compensation == "dense" and resid is not None:
+    # Research code: residual added back densely before the GEMM.
+    x_eff = x_deq + resid
+    y = _dot(x_eff, w_deq, _NN, impl.deq_dtype)
+  else:
+    if qx is not None and qw is not None and _per_row(r.x) and _per_col(r.w):
+      # Exact FP4 GEMM simulation: scales factor out of the K-sum,
+      # Y = diag(1/sx) (Q(X sx) @ Q(W sw)) diag(1/sw).
+      y = _dot(qx.values, qw.values, _NN, impl.grid_dtype)
+      y = y / qx.scale / qw.scale
+    else:
+      y = _dot(x_deq, w_deq, _NN, impl.deq_dtype)
+    x_eff = x_deq
+    if r.compensation == "sparse" and resid is not None:
+      # Paper: the sparse residual goes through a separate high precision
+      # GEMM with the unquantized weight (dense math, separate GEMM).
+      y = y + _dot(resid, w32, _NN, impl.deq_dtype)
+      x_eff = x_deq + resid
+  sw = qw.scale if qw is not None else None
+  # Residuals are kept in the operands' dtypes (bf16 in a bf16 model).
+  res = (x_eff.astype(x.dtype), w_deq.astype(w.dtype), w, sw,
+         xc.astype(x.dtype) if r.hw_faithful else None,
+         resid if (r.hw_faithful and r.compensation != "none") else None,
+         kb)
+  return y, res
+
+
+def _requant(v32, q: TensorQuant | None, axis: int, key):
+  """Hardware-faithful: re-quantize a stored operand along `axis`."""
+  if q is None:
+    return v32
+  q2 = dataclasses.replace(q, axis=None if q.axis is None else axis)
+  return quant.quantize(v32, q2, key).dequantize()
+
+
+def _bwd_core(r: Recipe, res, g):
+  x_eff, w_deq, w, sw, xc, resid, key = res
+  impl = _impl(r)
+  k_gd, k_gw, k_x, k_w = _keys(key, 4)
+  g32 = g.astype(jnp.float32)
+  if r.hw_faithful:
+    # dgrad contracts over N: w is re-scaled along N; wgrad contracts over
+    # M: x along M.
+    w_d = _requant(w.astype(jnp.float32), r.w, 1, k_w)
+    x_w = _requant(xc.astype(jnp.float32), r.x, 0, k_x)
+    if resid is not None:
+      x_w = x_w + resid
+  else:
+    w_d, x_w = w_deq, x_eff        # the forward's quantized operands
+  gq_d = (quant.quantize(g32, r.g_dgrad, k_gd).dequantize()
+          if r.g_dgrad is not None else g32)
+  if r.g_wgrad == r.g_dgrad and (r.g_wgrad is None
+                                 or r.g_wgrad.rounding != "stochastic"):
+    gq_w = gq_d
+  else:
+    gq_w = (quant.quantize(g32, r.g_wgrad, k_gw).dequantize()
+            if r.g_wgrad is not None else g32)
+  dx = _dot(gq_d, w_d, _NT, impl.deq_dtype)
+  dw = _dot(x_w, gq_w, _TN, impl.deq_dtype)
+  if (r.dge_k is not None and r.w is not None
+      and numerics.get_format(r.w.fmt).is_fp4):
+    # DGE: d(dequantized W)/dW evaluated on the scaled weight (RECIPE §3).
+    dw = dw * quant.dge_derivative(w.astype(jnp.float32) * sw, r.dge_k,
+                                   r.dge_cap, r.w.fmt)
+  return dx, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _qmatmul(x, w, recipe, key):
+  return _fwd_core(x, w, recipe, key)[0].astype(x.dtype)
+
+
+def _qmatmul_fwd(x, w, recipe, key):
+  y, res = _fwd_core(x, w, recipe, key)
+  return y.astype(x.dtype), res
+
+
+def _qmatmul_bwd(recipe, res, g):
+  dx, dw = _bwd_core(recipe, res, g)
+  # res[0] is x_eff in x's dtype, res[2] is w itself.
+  return dx.astype(res[0].dtype), dw.astype(res[2].dtype), None
+
+
+_qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+
+def plain_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [M, K] @ w [K, N] in x.dtype with f32 accumulation (no quantization)."""
+  return jax.lax.dot_general(x, w.astype(x.dtype), _NN,
+                             preferred_element_type=jnp.float32
+                             ).astype(x.dtype)
+
+
+def qmatmul(x: jax.Array, w: jax.Array, recipe: Recipe | str | None,
+            key: jax.Array | None = None) -> jax.Array:
+  """Quantized x @ w with per-GEMM quantization from `recipe`.
+
+  Args:
+    x: activations [M, K], float (bf16 or f32).
+    w: weights [K, N], float.
+    recipe: a Recipe, a recipe name (see qconfig.RECIPES) or None (plain).
+    key: PRNG key; required only by recipes with stochastic rounding.
+
+  Returns:
+    y [M, N] in x.dtype. Gradients: dx in x.dtype, dw in w.dtype.
+
+  Raises:
+    ValueError: non-2-D operand, mismatched K, unknown recipe, missing key.
+  """
+  if isinstance(recipe, str):
+    recipe = get_recipe(recipe)
+  if getattr(x, "ndim", None) != 2:
+    raise ValueError(f"qmatmul: x must be 2-D [M, K], got shape "
+                     f"{getattr(x, 'shape', None)}")
+  if getattr(w, "ndim", None) != 2:
+    raise ValueError(f"qmatmul: w must be 2-D [K, N], got shape "
+                     f"{getattr(w, 'shape', None)}")
+  if x.shape[1] != w.shape[0]:
+    raise ValueError(f"qmatmul: contraction mismatch, x {x.shape} @ w "
+                     f"{w.shape}")
+  if recipe is None or not recipe.quantizes:
+    return plain_matmul(x, w)
+  if not isinstance(recipe, Recipe):
+    raise ValueError(f"qmatmul: recipe must be a Recipe, a name or None, got "
+                     f"{type(recipe).__name__}")
+  if recipe.needs_key:
+    if key is None:
+      raise ValueError(f"qmatmul: recipe {recipe.name!r} uses stochastic "
+                       f"rounding; pass a PRNG key (argument key)")
+  else:
+    key = None
+  return _qmatmul(x, w, recipe, key)
+
+
+def make_dot_general(recipe: Recipe | str | None, key: jax.Array | None = None):
+  """A `lax.dot_general`-compatible function that runs `qmatmul`.
+
+  For `nnx.Linear(..., dot_general=make_dot_general("fp4_paper"))` and
+  einsums of the form "...k,kn->...n". Supports only x[..., K] @ w[K, ...]
+  without batch dimensions; anything else raises NotImplementedError.
+  """
+  if isinstance(recipe, str):
+    recipe = get_recipe(recipe)
+
+  def dot_general(lhs, rhs, dimension_numbers, precision=None,
+                  preferred_element_type=None, out_sharding=None, **kw):
+    del precision, kw  # the recipe fixes the numerics
+    (lc, rc), (lb, rb) = dimension_numbers
+    if (tuple(lb) or tuple(rb) or tuple(lc) != (lhs.ndim - 1,)
+        or tuple(rc) != (0,)):
+      raise NotImplementedError(
+          f"quantized dot_general supports only x[..., K] @ w[K, ...] with "
+          f"no batch dims; got dimension_numbers={dimension_numbers}")
+    x2 = lhs.reshape(-1, lhs.shape[-1])
+    y = qmatmul(x2, rhs.reshape(rhs.shape[0], -1), recipe, key)
+    y = y.reshape(*lhs.shape[:-1], *rhs.shape[1:])
+    y = y.astype(preferred_element_type or lhs.dtype)
+    if out_sharding is not None:
+      y = jax.lax.with_sharding_constraint(y, out_sharding)
+    return y
+
+  return dot_general
