@@ -18,7 +18,7 @@ from fp4jax import numerics
 
 SCALE_FMTS = ("f32", "e8m0", "e4m3")
 COMPENSATIONS = ("none", "dense", "sparse")
-IMPLS = ("auto", "reference", "fast")
+IMPLS = ("auto", "reference", "fast", "fp8")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -88,8 +88,8 @@ class Recipe:
       contraction axes (as hardware must) instead of reusing the forward's
       quantized operands (exact only in simulation).
     impl: GEMM implementation: "reference" (f32 operands, the oracle),
-      "fast" (bf16 operands where exact), "auto" (reference on CPU, fast
-      elsewhere).
+      "fast" (bf16 operands), "fp8" (forward grid GEMM in FP8 E4M3, exact
+      for FP4 and E4M3 grids), "auto" (reference on CPU, fast elsewhere).
   """
   name: str = "custom"
   x: TensorQuant | None = None
