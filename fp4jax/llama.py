@@ -1,0 +1,376 @@
+"""LLaMA decoder in Flax NNX with one quantization seam.
+
+Owns: `LlamaConfig` (frozen, validated), the modules (QDense, RMSNorm,
+Attention with GQA, SwiGLU MLP, Block, Llama) and `apply_rope`.
+
+Every weight matmul (q/k/v/o, gate/up/down, lm_head) goes through `qdense`,
+the single seam where a `qconfig.Recipe` chosen by regex rules over the
+projection paths ("layers.{i}.attn.q_proj", ..., "lm_head") turns the matmul
+into `qdot.qmatmul`. Attention score/value matmuls, norms and the embedding
+lookup are never quantized. Parameters carry logical axis names (see
+`fp4jax.sharding`); activations are constrained at block boundaries.
+
+Must not import: ml_collections, tensorflow_datasets, grain, or fp4jax
+modules to the right of this one (optim, data, checkpoint, train, main).
+"""
+
+import dataclasses
+import math
+import zlib
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fp4jax import qconfig
+from fp4jax import qdot
+from fp4jax import sharding
+
+ACT_BTD = ("act_batch", "act_seq", "act_embed")
+INIT_STD = 0.02  # GPT-2 / LLaMA-style init for embeddings and projections.
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Model shape and numerics. Hashable: usable as a static jit argument.
+
+  Attributes:
+    vocab_size: V, number of token ids.
+    d_model: D, residual width.
+    n_layers: number of decoder blocks.
+    n_heads: H, query heads; head dim K = D // H.
+    n_kv_heads: G, key/value heads (GQA); divides H.
+    d_ff: F, SwiGLU hidden width.
+    max_seq_len: longest sequence the model accepts.
+    rope_theta: RoPE base.
+    norm_eps: RMSNorm epsilon.
+    tie_embeddings: use the embedding transposed as the LM head.
+    compute_dtype: dtype of activations and matmul operands.
+    param_dtype: dtype parameters are stored in.
+  """
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  d_ff: int
+  max_seq_len: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  compute_dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads",
+                 "n_kv_heads", "d_ff", "max_seq_len"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"LlamaConfig.{name} must be a positive int, "
+                         f"got {v!r}")
+    if self.d_model % self.n_heads:
+      raise ValueError(f"LlamaConfig.n_heads={self.n_heads} does not divide "
+                       f"d_model={self.d_model}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"LlamaConfig.n_kv_heads={self.n_kv_heads} does not "
+                       f"divide n_heads={self.n_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"LlamaConfig.d_model / n_heads = {self.head_dim} "
+                       "must be even for RoPE")
+    for name in ("rope_theta", "norm_eps"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"LlamaConfig.{name} must be > 0, "
+                         f"got {getattr(self, name)!r}")
+    for name in ("compute_dtype", "param_dtype"):
+      try:
+        ok = jnp.issubdtype(jnp.dtype(getattr(self, name)), jnp.floating)
+      except TypeError:
+        ok = False
+      if not ok:
+        raise ValueError(f"LlamaConfig.{name} must name a float dtype, "
+                         f"got {getattr(self, name)!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+
+def projection_paths(cfg: LlamaConfig) -> list[str]:
+  """Paths of every weight matmul, in model order; the keys of quant rules."""
+  paths = []
+  for i in range(cfg.n_layers):
+    paths += [f"layers.{i}.attn.{p}"
+              for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    paths += [f"layers.{i}.mlp.{p}"
+              for p in ("gate_proj", "up_proj", "down_proj")]
+  return paths + ["lm_head"]
+
+
+def path_id(path: str) -> int:
+  """Stable per-path integer for folding PRNG keys (independent of order)."""
+  return zlib.crc32(path.encode()) & 0x7FFFFFFF
+
+
+def qdense(x: jax.Array, kernel: jax.Array, recipe, key: jax.Array | None,
+           pid: int, out_dtype) -> jax.Array:
+  """The quantization seam: x @ kernel per `recipe`.
+
+  Args:
+    x: [..., Kc] activations in the compute dtype.
+    kernel: [Kc, N] weight, already in the compute dtype.
+    recipe: a `qconfig.Recipe`, or None for a plain matmul.
+    key: PRNG key (or None); folded with `pid` so projections draw
+      independent randomness.
+    pid: this projection's `path_id`.
+    out_dtype: dtype of the result.
+
+  Returns:
+    [..., N] in out_dtype.
+  """
+  lead = x.shape[:-1]
+  x2d = x.reshape(-1, x.shape[-1])
+  if recipe is not None and recipe.quantizes:
+    k = None if key is None else jax.random.fold_in(key, pid)
+    y = qdot.qmatmul(x2d, kernel, recipe, k)
+  else:
+    # f32 accumulation, then one rounding to the output dtype.
+    y = jnp.dot(x2d, kernel, preferred_element_type=jnp.float32)
+  return y.astype(out_dtype).reshape(*lead, kernel.shape[-1])
+
+
+class QDense(nnx.Module):
+  """A bias-free projection y = x @ kernel that may be quantized.
+
+  Attributes:
+    kernel: [in, out] Param with logical names.
+    recipe: static `qconfig.Recipe` or None.
+  """
+
+  def __init__(self, d_in: int, d_out: int, *, path: str, recipe,
+               names: tuple[str, str], std: float, cfg: LlamaConfig,
+               out_dtype: str | None = None, rngs: nnx.Rngs):
+    init = sharding.param_init(nnx.initializers.normal(std), names)
+    self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out),
+                                 jnp.dtype(cfg.param_dtype)))
+    self.recipe = recipe
+    self.pid = path_id(path)
+    self.compute_dtype = cfg.compute_dtype
+    self.out_dtype = out_dtype or cfg.compute_dtype
+
+  def __call__(self, x: jax.Array, key: jax.Array | None = None
+               ) -> jax.Array:
+    """x: [..., in] -> [..., out] in out_dtype."""
+    kernel = self.kernel[...].astype(self.compute_dtype)
+    return qdense(x.astype(self.compute_dtype), kernel, self.recipe, key,
+                  self.pid, self.out_dtype)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm with a learned scale, computed in float32."""
+
+  def __init__(self, dim: int, cfg: LlamaConfig):
+    init = sharding.param_init(nnx.initializers.ones, ("norm",))
+    self.scale = nnx.Param(init(None, (dim,), jnp.dtype(cfg.param_dtype)))
+    self.eps = cfg.norm_eps
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., D] -> [..., D] in the compute dtype."""
+    x32 = x.astype(jnp.float32)
+    inv = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * inv * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def apply_rope(x_bthk: jax.Array, positions_bt: jax.Array,
+               theta: float) -> jax.Array:
+  """Rotary position embedding, half-split ("rotate_half") layout.
+
+  Dim pairs (i, i + K/2) rotate by angle pos * theta^(-2i/K).
+
+  Args:
+    x_bthk: [B, T, H, K] queries or keys, K even.
+    positions_bt: [B, T] integer positions.
+    theta: RoPE base.
+
+  Returns:
+    [B, T, H, K] in x's dtype (rotation computed in float32).
+  """
+  half = x_bthk.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  ang = positions_bt.astype(jnp.float32)[..., None] * freq  # [B, T, K/2]
+  cos = jnp.cos(ang)[:, :, None, :]
+  sin = jnp.sin(ang)[:, :, None, :]
+  x = x_bthk.astype(jnp.float32)
+  x1, x2 = x[..., :half], x[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_bthk.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal grouped-query self-attention with RoPE."""
+
+  def __init__(self, cfg: LlamaConfig, prefix: str, table: dict,
+               rngs: nnx.Rngs):
+    d, kd = cfg.d_model, cfg.head_dim
+    out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
+
+    def proj(name, d_in, d_out, names, std=INIT_STD):
+      path = f"{prefix}.{name}"
+      return QDense(d_in, d_out, path=path, recipe=table[path], names=names,
+                    std=std, cfg=cfg, rngs=rngs)
+
+    self.q_proj = proj("q_proj", d, cfg.n_heads * kd, ("embed", "heads"))
+    self.k_proj = proj("k_proj", d, cfg.n_kv_heads * kd, ("embed", "heads"))
+    self.v_proj = proj("v_proj", d, cfg.n_kv_heads * kd, ("embed", "heads"))
+    self.o_proj = proj("o_proj", cfg.n_heads * kd, d, ("heads", "embed"),
+                       out_std)
+    self.cfg = cfg
+
+  def __call__(self, x_btd: jax.Array, positions_bt: jax.Array,
+               mask_bts: jax.Array, key: jax.Array | None) -> jax.Array:
+    """x_btd: [B, T, D]; mask_bts: [B, T, S] bool (True = may attend)."""
+    cfg = self.cfg
+    b, t, _ = x_btd.shape
+    g, r, kd = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
+    q = self.q_proj(x_btd, key).reshape(b, t, g * r, kd)
+    k = self.k_proj(x_btd, key).reshape(b, t, g, kd)
+    v = self.v_proj(x_btd, key).reshape(b, t, g, kd)
+    q = apply_rope(q, positions_bt, cfg.rope_theta).reshape(b, t, g, r, kd)
+    k = apply_rope(k, positions_bt, cfg.rope_theta)
+    # Query head h = g * R + r shares kv head g: consecutive query heads
+    # form a group, the layout LLaMA checkpoints use.
+    s = jnp.einsum("BTGRK,BSGK->BGRTS", q, k,
+                   preferred_element_type=jnp.float32) / math.sqrt(kd)
+    s = jnp.where(mask_bts[:, None, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(cfg.compute_dtype)
+    o = jnp.einsum("BGRTS,BSGK->BTGRK", p, v,
+                   preferred_element_type=jnp.float32)
+    o = o.astype(cfg.compute_dtype).reshape(b, t, g * r * kd)
+    return self.o_proj(o, key)
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: LlamaConfig, prefix: str, table: dict,
+               rngs: nnx.Rngs):
+    out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
+
+    def proj(name, d_in, d_out, names, std=INIT_STD):
+      path = f"{prefix}.{name}"
+      return QDense(d_in, d_out, path=path, recipe=table[path], names=names,
+                    std=std, cfg=cfg, rngs=rngs)
+
+    self.gate_proj = proj("gate_proj", cfg.d_model, cfg.d_ff,
+                          ("embed", "mlp"))
+    self.up_proj = proj("up_proj", cfg.d_model, cfg.d_ff, ("embed", "mlp"))
+    self.down_proj = proj("down_proj", cfg.d_ff, cfg.d_model,
+                          ("mlp", "embed"), out_std)
+
+  def __call__(self, x_btd: jax.Array, key: jax.Array | None) -> jax.Array:
+    """x_btd: [B, T, D] -> [B, T, D]."""
+    h = jax.nn.silu(self.gate_proj(x_btd, key)) * self.up_proj(x_btd, key)
+    h = sharding.constrain(h, ("act_batch", "act_seq", "act_mlp"))
+    return self.down_proj(h, key)
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+  def __init__(self, cfg: LlamaConfig, i: int, table: dict, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg)
+    self.attn = Attention(cfg, f"layers.{i}.attn", table, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg)
+    self.mlp = MLP(cfg, f"layers.{i}.mlp", table, rngs)
+
+  def __call__(self, x_btd, positions_bt, mask_bts, key):
+    h = x_btd + self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, key)
+    h = sharding.constrain(h, ACT_BTD)
+    out = h + self.mlp(self.mlp_norm(h), key)
+    return sharding.constrain(out, ACT_BTD)
+
+
+class Llama(nnx.Module):
+  """LLaMA decoder-only LM.
+
+  Args:
+    cfg: model shape and numerics.
+    rules: ordered (regex, Recipe | None) pairs over `projection_paths(cfg)`,
+      first full match wins, unmatched paths are plain; resolved once here
+      by `qconfig.resolve_rules` (a rule matching nothing is a ValueError).
+      None: no projection is quantized.
+    rngs: parameter initialisation randomness.
+  """
+
+  def __init__(self, cfg: LlamaConfig, *,
+               rules: Sequence[qconfig.Rule] | None = None,
+               rngs: nnx.Rngs):
+    paths = projection_paths(cfg)
+    if rules is None:
+      table = dict.fromkeys(paths)
+    else:
+      table = qconfig.resolve_rules(paths, rules)
+    self.cfg = cfg
+    # A tuple of pairs: static under nnx, and order is the model order.
+    self._quant_items = tuple(
+        (p, "none" if r is None or not r.quantizes else r.name)
+        for p, r in table.items())
+    init = sharding.param_init(nnx.initializers.normal(INIT_STD),
+                               ("vocab", "embed"))
+    self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model),
+                                jnp.dtype(cfg.param_dtype)))
+    self.layers = nnx.List([Block(cfg, i, table, rngs)
+                            for i in range(cfg.n_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, cfg)
+    self.lm_recipe = table["lm_head"]
+    self.lm_pid = path_id("lm_head")
+    if not cfg.tie_embeddings:
+      self.lm_head = QDense(cfg.d_model, cfg.vocab_size, path="lm_head",
+                            recipe=table["lm_head"], names=("embed", "vocab"),
+                            std=INIT_STD, cfg=cfg, out_dtype="float32",
+                            rngs=rngs)
+
+  @property
+  def quant_table(self) -> dict[str, str]:
+    """Projection path -> recipe name, or "none" when not quantized."""
+    return dict(self._quant_items)
+
+  def __call__(self, tokens: jax.Array, *,
+               segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None,
+               key: jax.Array | None = None) -> jax.Array:
+    """Next-token logits.
+
+    Args:
+      tokens: [B, T] int32 token ids.
+      segment_ids: optional [B, T] int; tokens attend only within their own
+        segment (packed documents).
+      positions: optional [B, T] int RoPE positions (default 0..T-1).
+      key: optional PRNG key for stochastic-rounding recipes.
+
+    Returns:
+      [B, T, V] float32 logits.
+    """
+    cfg = self.cfg
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    b, t = tokens.shape
+    if t > cfg.max_seq_len:
+      raise ValueError(f"tokens length {t} > LlamaConfig.max_seq_len "
+                       f"{cfg.max_seq_len}")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
+    mask = jnp.broadcast_to(causal, (b, t, t))
+    if segment_ids is not None:
+      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+    x = sharding.constrain(x, ACT_BTD)
+    for layer in self.layers:
+      x = layer(x, positions, mask, key)
+    x = self.final_norm(x)
+    if cfg.tie_embeddings:
+      kernel = self.embed[...].astype(cfg.compute_dtype).T
+      return qdense(x, kernel, self.lm_recipe, key, self.lm_pid, jnp.float32)
+    return self.lm_head(x, key)
