@@ -43,8 +43,10 @@ GEMM_IMPLS: dict[str, GemmImpl] = {
     # f32 operands everywhere: the oracle; fast on CPU, where bf16 dots are
     # emulated anyway.
     "reference": GemmImpl(jnp.float32, jnp.float32),
-    # bf16 operands: exact for FP4/FP8 grid values (<= 4 significant bits),
-    # rounds dequantized operands to bf16 as the paper's BF16 simulation.
+    # bf16 operands: exact for the forward grid GEMM (FP4/FP8 grid values
+    # have <= 4 significant bits); NOT exact for dequantized operands
+    # (float scales), which are rounded to bf16 as in the paper's BF16
+    # simulation (~2^-8 relative).
     "fast": GemmImpl(jnp.bfloat16, jnp.bfloat16),
     # The paper's simulation: FP4 grid values carried exactly in FP8 E4M3
     # so the forward GEMM runs on FP8 tensor cores (Hopper); the rest bf16.

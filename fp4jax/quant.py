@@ -157,10 +157,26 @@ def fake_quant(x: jax.Array, fmt: str = "e2m1", axis=-1, pow2: bool = False,
   if mode not in numerics.ROUNDING_MODES:
     raise ValueError(f"unknown mode {mode!r}; expected one of "
                      f"{numerics.ROUNDING_MODES}")
+  if block and not isinstance(axis, int):
+    raise ValueError(f"block scaling needs a single int axis, got "
+                     f"axis={axis!r}")
   xq = _fake_quant_value(
       x, fmt, axis if axis is None or isinstance(axis, int) else tuple(axis),
       pow2, mode, block, key)
-  return x + jax.lax.stop_gradient(xq - x)
+  return _straight_through(x, xq)
+
+
+@jax.custom_jvp
+def _straight_through(x, xq):
+  # Returns xq with d/dx = identity. Written as a custom rule rather than
+  # x + stop_gradient(xq - x), which gives NaN for x = +-inf.
+  del x
+  return xq
+
+
+@_straight_through.defjvp
+def _straight_through_jvp(primals, tangents):
+  return primals[1], tangents[0]
 
 
 # ------------------------------------------------------------------- DGE
@@ -246,8 +262,10 @@ def _order_stats(x32: jax.Array, i_lo: int, i_hi: int, axis: int | None):
   k_bot = i_lo + 1            # lo is the k_bot-th smallest
   if axis is not None and max(k_top, k_bot) <= _TOPK_MAX:
     xm = jnp.moveaxis(x32, axis, -1)
-    hi = jax.lax.top_k(xm, k_top)[0][..., -1:]
-    lo = -jax.lax.top_k(-xm, k_bot)[0][..., -1:]
+    # min over the k values, not [..., -1:]: XLA:CPU lowers top_k followed
+    # by a slice into a full sort (~30x slower).
+    hi = jnp.min(jax.lax.top_k(xm, k_top)[0], axis=-1, keepdims=True)
+    lo = -jnp.min(jax.lax.top_k(-xm, k_bot)[0], axis=-1, keepdims=True)
     return jnp.moveaxis(lo, -1, axis), jnp.moveaxis(hi, -1, axis)
   return _kth_smallest(x32, i_lo, axis), _kth_smallest(x32, i_hi, axis)
 

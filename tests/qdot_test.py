@@ -1,0 +1,394 @@
+"""qmatmul forward and both gradients vs the float64 recipe composition."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from fp4jax import qdot
+import np_ref
+
+M, K, N = 32, 128, 48
+# Inputs are float32 so no bf16 cast enters: quantized operands are grid
+# values times scales, identical in the implementation and the oracle once no
+# element sits within float32 rounding of a threshold (ensured by nudging
+# inputs NUDGE_REL away from every threshold: >> the 2 f32 roundings, 2.4e-7,
+# of sf = MAX/amax and x*sf). What remains is float32 arithmetic: dividing by
+# the scales and accumulating over K (or M) terms, bounded relative to
+# sum_k |a_ik||b_kj| by ~K * 2^-24 = 7.6e-6 worst case for K = 128.
+NUDGE_REL = 1e-5
+GEMM_RTOL = 2e-5
+# The weight gradient is also multiplied by f'(W*sw), evaluated in f32 at a
+# scaled weight carrying the f32 rounding of sw. Where f' is below its cap,
+# t = |2u/delta - 1| >= 0.034 and d(log f')/dt = 0.8/t, so a 1e-7 relative
+# input error gives <= ~2e-5 relative; the cap region is flat.
+DGE_RTOL = 3e-5
+# bf16 recipe on bf16 inputs: operands exact, f32 accumulation, one rounding
+# of the output to bf16 (2^-9 relative) -- bounded by 2^-8 of the magnitude.
+# The same bound covers impl="fast", whose GEMMs take bf16 operands: operands
+# that are not bf16-exact (the raw weight of the compensation GEMM, dequantized
+# operands whose scales do not factor out of the contraction) are rounded
+# once each, 2^-9 relative per operand.
+BF16_RTOL = 2.0 ** -8
+# jit vs eager: XLA fuses differently (reciprocal-multiply vs divide, FMA), a
+# few f32 ulps on the results.
+JIT_RTOL = 1e-6
+# Loose sanity bounds on relative Frobenius error vs the exact f64 product,
+# for recipes whose exact composition is not re-derived here (block-scaled
+# MX/NV formats), and floors proving that each recipe does quantize.
+FP4_REL_ERR_MAX = 0.25
+FP4_REL_ERR_MIN = 1e-2
+FP8_REL_ERR_MIN = 1e-3
+
+_SPEC_OF = {
+    "fp4_paper": np_ref.FP4_PAPER,
+    "w4a4_direct": np_ref.W4A4_DIRECT,
+    "fp4_code": np_ref.FP4_CODE,
+    "fp8": np_ref.FP8,
+    "w4a8": np_ref.W4A8,
+    "w8a4": np_ref.W8A4,
+}
+
+# (recipe name, overrides, oracle spec) triples checked against the oracle.
+_CASES = [(name, {}, spec) for name, spec in _SPEC_OF.items()] + [
+    ("fp4_paper", {"occ_alpha": 0.97},
+     np_ref.MatmulSpec(occ_alpha=0.97)),
+    ("fp4_paper", {"dge_k": 3.0}, np_ref.MatmulSpec(dge_k=3.0)),
+    ("fp4_paper", {"compensation": "dense"},
+     np_ref.MatmulSpec(compensation="dense")),
+    ("fp4_paper", {"compensation": "none"},
+     np_ref.MatmulSpec(compensation="none")),
+    ("fp4_paper", {"weight_axis": "in"}, np_ref.MatmulSpec(w_axis=1)),
+    ("fp4_paper", {"pow2": True}, np_ref.MatmulSpec(pow2=True)),
+    # rne and paper differ only on exact ties, which the nudged inputs avoid
+    # (numerics_test covers ties); this checks the override is accepted.
+    ("fp4_paper", {"rounding": "rne"}, np_ref.MatmulSpec(mode="rne")),
+    ("fp4_paper", {"impl": "fast"}, np_ref.FP4_PAPER),
+    ("fp4_paper", {"impl": "reference"}, np_ref.FP4_PAPER),
+]
+
+
+def _near_threshold(s, fmt):
+  """Mask of scaled values within NUDGE_REL (relative) of a threshold."""
+  t = np_ref.midpoints(fmt)
+  i = np.clip(np.searchsorted(t, s), 1, len(t) - 1)
+  d = np.minimum(np.abs(s - t[i - 1]), np.abs(s - t[i]))
+  return d <= NUDGE_REL * np.abs(s)
+
+
+def _nudge(a, scaled_of, fmt):
+  """Scales elements of `a` until none scales to within NUDGE_REL of a tie."""
+  if fmt is None:
+    return a
+  for _ in range(100):
+    bad = _near_threshold(scaled_of(a), fmt)
+    if not bad.any():
+      return a
+    a = np.where(bad, a * np.float32(1 + 4 * NUDGE_REL), a).astype(a.dtype)
+  raise AssertionError("could not move the inputs off the thresholds")
+
+
+def _assert_pow2_unambiguous(a, fmt, axis):
+  """floor(log2(MAX/amax)) must not sit on a float32 rounding edge."""
+  amax = np.max(np.abs(a.astype(np.float64)), axis=axis)
+  lg = np.log2(np_ref.max_value(fmt) / amax)
+  assert np.all(np.abs(lg - np.round(lg)) > 1e-5), "re-pick the seed"
+
+
+def _inputs(spec, seed=0):
+  rng = np.random.default_rng(seed)
+  # Heavy tails make OCC clamp something in every row.
+  x = rng.standard_t(df=3, size=(M, K)).astype(np.float32)
+  w = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
+  g = rng.standard_normal((M, N)).astype(np.float32)
+  x = _nudge(x, lambda a: np_ref.x_operand(a, spec)[2], spec.x_fmt)
+  w = _nudge(w, lambda a: np_ref.w_operand(a, spec)[1], spec.w_fmt)
+  g = _nudge(g, lambda a: a * np_ref.scales(a, spec.g_fmt, axis=None),
+             spec.g_fmt)
+  if spec.pow2:
+    xc = x if spec.occ_alpha is None else np_ref.occ_clamp(x, spec.occ_alpha)[0]
+    _assert_pow2_unambiguous(xc, spec.x_fmt, -1)
+    _assert_pow2_unambiguous(w, spec.w_fmt, spec.w_axis)
+  return x, w, g
+
+
+@functools.lru_cache(maxsize=None)
+def _vjp_fn(recipe):
+  """Jitted (x, w, g) -> (y, dx, dw) for a (hashable) Recipe."""
+  def f(x, w, g):
+    y, vjp = jax.vjp(lambda a, b: qdot.qmatmul(a, b, recipe), x, w)
+    dx, dw = vjp(g)
+    return y, dx, dw
+  return jax.jit(f)
+
+
+def _run(recipe, x, w, g):
+  y, dx, dw = _vjp_fn(recipe)(jnp.asarray(x), jnp.asarray(w), jnp.asarray(g))
+  assert y.dtype == x.dtype and dx.dtype == x.dtype and dw.dtype == w.dtype
+  return tuple(np.asarray(v.astype(jnp.float32), np.float64)
+               for v in (y, dx, dw))
+
+
+def _assert_within(got, want, mag, rtol, what):
+  err = np.abs(got - want)
+  bound = rtol * mag
+  bad = err > bound
+  assert not bad.any(), (
+      f"{what}: {bad.sum()} of {bad.size} elements off; worst "
+      f"err/mag = {np.max(err / np.maximum(mag, 1e-30)):.3g} > {rtol}")
+
+
+# ------------------------------------------------------- vs the oracle
+def _case_id(case):
+  name, overrides, _ = case
+  return "-".join([name] + [f"{k}={v}" for k, v in overrides.items()])
+
+
+@pytest.mark.parametrize("name,overrides,spec", _CASES,
+                         ids=[_case_id(c) for c in _CASES])
+def test_matches_float64_composition(name, overrides, spec):
+  recipe = qdot.get_recipe(name, **overrides)
+  x, w, g = _inputs(spec)
+  y, dx, dw = _run(recipe, x, w, g)
+  want_y, want_dx, want_dw, mag = np_ref.qmatmul(x, w, g, spec)
+  # "auto" means "reference" on CPU and "fast" elsewhere.
+  fast = recipe.impl == "fast" or (recipe.impl == "auto"
+                                   and jax.default_backend() != "cpu")
+  rtol = BF16_RTOL if fast else GEMM_RTOL
+  _assert_within(y, want_y, mag["y"], rtol, "y")
+  _assert_within(dx, want_dx, mag["dx"], rtol, "dx")
+  _assert_within(dw, want_dw, mag["dw"], rtol + DGE_RTOL, "dw")
+
+
+# The oracle comparisons above must be able to fail: every recipe choice they
+# cover changes the result far beyond the tolerances on these inputs.
+@pytest.mark.parametrize("alt", [
+    dict(occ_alpha=None), dict(occ_alpha=0.97), dict(compensation="none"),
+    dict(compensation="dense"), dict(dge_k=None), dict(dge_k=3.0),
+    dict(pow2=True), dict(w_axis=1), dict(g_fmt=None),
+])
+def test_oracle_choices_are_distinguishable(alt):
+  base = np_ref.FP4_PAPER
+  other = dataclasses.replace(base, **alt)
+  x, w, g = _inputs(base)
+  a = np_ref.qmatmul(x, w, g, base)
+  b = np_ref.qmatmul(x, w, g, other)
+  margins = []
+  for i, key in enumerate(("y", "dx", "dw")):
+    margins.append(np.max(np.abs(a[i] - b[i]) / (a[3][key] + 1e-30)))
+  assert max(margins) > 100 * (GEMM_RTOL + DGE_RTOL), (alt, margins)
+
+
+# ---------------------------------------------------------- plain recipes
+@pytest.mark.parametrize("recipe", ["bf16", None])
+def test_plain_f32(recipe):
+  x, w, g = _inputs(np_ref.MatmulSpec(x_fmt=None, w_fmt=None, g_fmt=None,
+                                      occ_alpha=None))
+  y, dx, dw = _run(recipe, x, w, g)
+  x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
+  _assert_within(y, x64 @ w64, np.abs(x64) @ np.abs(w64), GEMM_RTOL, "y")
+  _assert_within(dx, g64 @ w64.T, np.abs(g64) @ np.abs(w64.T), GEMM_RTOL,
+                 "dx")
+  _assert_within(dw, x64.T @ g64, np.abs(x64.T) @ np.abs(g64), GEMM_RTOL,
+                 "dw")
+
+
+def test_bf16_recipe_on_bf16_inputs():
+  x, w, g = (a.astype(ml_dtypes.bfloat16) for a in _inputs(np_ref.FP4_PAPER))
+  y, dx, dw = _run("bf16", x, w, g)
+  x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
+  _assert_within(y, x64 @ w64, np.abs(x64) @ np.abs(w64), BF16_RTOL, "y")
+  _assert_within(dx, g64 @ w64.T, np.abs(g64) @ np.abs(w64.T), BF16_RTOL,
+                 "dx")
+  _assert_within(dw, x64.T @ g64, np.abs(x64.T) @ np.abs(g64), BF16_RTOL,
+                 "dw")
+
+
+# ------------------------------------------ every named recipe quantizes
+def _rel_err(a, b):
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("name", ["fp8", "w4a4_direct", "w4a8", "w8a4",
+                                  "fp4_paper", "fp4_code", "mxfp4", "nvfp4"])
+def test_named_recipes_quantize_within_bounds(name):
+  rng = np.random.default_rng(11)
+  x = rng.standard_normal((M, K)).astype(np.float32)
+  w = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
+  g = rng.standard_normal((M, N)).astype(np.float32)
+  recipe = qdot.get_recipe(name)
+  assert recipe.quantizes
+  key = jax.random.key(3) if recipe.needs_key else None
+
+  @jax.jit
+  def f(x, w, g, key):
+    y, vjp = jax.vjp(lambda a, b: qdot.qmatmul(a, b, recipe, key=key), x, w)
+    return (y,) + vjp(g)
+
+  got = [np.asarray(v, np.float64) for v in f(x, w, g, key)]
+  x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
+  exact = [x64 @ w64, g64 @ w64.T, x64.T @ g64]
+  floor = FP8_REL_ERR_MIN if name == "fp8" else FP4_REL_ERR_MIN
+  for what, a, b in zip(("y", "dx", "dw"), got, exact):
+    assert np.all(np.isfinite(a)), what
+    if what == "dw" and recipe.dge_k is not None:
+      continue    # DGE reweights dw by f' in [1/k, cap]: not an approximation
+    err = _rel_err(a, b)
+    assert err <= FP4_REL_ERR_MAX, (name, what, err)
+  # The forward of every named recipe quantizes something.
+  assert _rel_err(got[0], exact[0]) >= floor, (name, _rel_err(got[0],
+                                                              exact[0]))
+
+
+def test_stochastic_recipe_needs_key_and_is_deterministic_given_it():
+  x, w, g = _inputs(np_ref.FP4_PAPER)
+  r = qdot.get_recipe("nvfp4")
+  assert r.needs_key
+  with pytest.raises(ValueError, match="key"):
+    qdot.qmatmul(jnp.asarray(x), jnp.asarray(w), r)
+
+  @jax.jit
+  def f(key):
+    y, vjp = jax.vjp(lambda a, b: qdot.qmatmul(a, b, r, key=key),
+                     jnp.asarray(x), jnp.asarray(w))
+    return (y,) + vjp(jnp.asarray(g))
+
+  a, b, c = f(jax.random.key(0)), f(jax.random.key(0)), f(jax.random.key(1))
+  for u, v in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+  # nvfp4 rounds only the gradients stochastically: same forward, different
+  # gradients for a different key.
+  np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(c[0]))
+  assert not np.array_equal(np.asarray(a[2]), np.asarray(c[2]))
+
+
+def test_hw_faithful_changes_only_the_backward():
+  x, w, g = _inputs(np_ref.FP4_PAPER)
+  base = _run(qdot.get_recipe("fp4_paper"), x, w, g)
+  hw = _run(qdot.get_recipe("fp4_paper", hw_faithful=True), x, w, g)
+  np.testing.assert_array_equal(hw[0], base[0])
+  assert not np.array_equal(hw[2], base[2])
+  for i in (1, 2):   # still a sensible gradient: close to the simulated one
+    assert _rel_err(hw[i], base[i]) < FP4_REL_ERR_MAX
+
+
+# ------------------------------------------------------------- jit / seam
+def test_eager_equals_jit():
+  r = qdot.get_recipe("fp4_paper")
+  x, w, _ = _inputs(np_ref.FP4_PAPER)
+  eager = np.asarray(qdot.qmatmul(jnp.asarray(x), jnp.asarray(w), r))
+  jitted = np.asarray(jax.jit(lambda a, b: qdot.qmatmul(a, b, r))(x, w))
+  np.testing.assert_allclose(jitted, eager, rtol=JIT_RTOL,
+                             atol=JIT_RTOL * np.max(np.abs(eager)))
+
+
+def test_make_dot_general_matches_qmatmul():
+  x, w, _ = _inputs(np_ref.FP4_PAPER)
+  dg = qdot.make_dot_general("fp4_paper")
+  x3 = jnp.asarray(x).reshape(4, M // 4, K)
+  y = dg(x3, jnp.asarray(w), (((2,), (0,)), ((), ())))
+  want = qdot.qmatmul(jnp.asarray(x), jnp.asarray(w), "fp4_paper")
+  np.testing.assert_array_equal(np.asarray(y).reshape(M, N),
+                                np.asarray(want))
+
+
+# -------------------------------------------------------------- bad input
+@pytest.mark.parametrize("xs,ws,word", [
+    ((2, M, K), (K, N), r"\bx\b"), ((M, K), (K,), r"\bw\b"),
+    ((K,), (K, N), r"\bx\b"), ((M, K), (K, N, 1), r"\bw\b")])
+def test_non_2d_operand(xs, ws, word):
+  with pytest.raises(ValueError, match=word):
+    qdot.qmatmul(jnp.ones(xs), jnp.ones(ws), "fp4_paper")
+
+
+def test_unknown_recipe_name():
+  with pytest.raises(ValueError, match="fp5_paper"):
+    qdot.qmatmul(jnp.ones((2, 4)), jnp.ones((4, 3)), "fp5_paper")
+  with pytest.raises(ValueError, match="fp5_paper"):
+    qdot.get_recipe("fp5_paper")
+
+
+# -------------------------------------------------------------- jaxpr level
+_ROUNDING_PRIMS = {"lt", "le", "gt", "ge", "floor", "ceil", "round",
+                   "round_nearest_even", "nextafter"}
+_ORDER_PRIMS = {"top_k", "sort", "while", "scan", "approx_top_k"}
+_POW_PRIMS = {"pow", "exp", "log", "exp2", "log1p", "expm1"}
+_LOWBIT = {jnp.dtype(d) for d in (jnp.float4_e2m1fn, jnp.float8_e4m3fn,
+                                  jnp.float8_e5m2, jnp.float8_e8m0fnu)}
+
+
+def _subjaxprs(v):
+  if hasattr(v, "eqns"):
+    yield v
+  elif hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+    yield v.jaxpr
+  elif isinstance(v, (tuple, list)):
+    for u in v:
+      yield from _subjaxprs(u)
+
+
+def _count(jaxpr, counts):
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    counts[name] = counts.get(name, 0) + 1
+    if name == "convert_element_type":
+      dt = jnp.dtype(eqn.params["new_dtype"])
+      if dt in _LOWBIT:
+        counts[f"cast:{dt.name}"] = counts.get(f"cast:{dt.name}", 0) + 1
+    for v in eqn.params.values():
+      for sub in _subjaxprs(v):
+        _count(sub, counts)
+  return counts
+
+
+def _mlp_counts(recipe):
+  def loss(x, w1, w2):
+    h = jax.nn.relu(qdot.qmatmul(x, w1, recipe))
+    return jnp.sum(qdot.qmatmul(h, w2, recipe) ** 2)
+  args = (jnp.ones((8, 16)), jnp.ones((16, 32)), jnp.ones((32, 4)))
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
+  c = _count(jaxpr.jaxpr, {})
+  total = lambda names: sum(c.get(n, 0) for n in names)
+  return {
+      "dot": c.get("dot_general", 0),
+      "rounding": total(_ROUNDING_PRIMS) + total(
+          k for k in c if k.startswith("cast:")),
+      "e5m2": c.get("cast:float8_e5m2", 0),
+      "lowbit": total(k for k in c if k.startswith("cast:")),
+      "order": total(_ORDER_PRIMS),
+      "pow": total(_POW_PRIMS),
+  }
+
+
+@pytest.fixture(scope="module")
+def plain_counts():
+  return _mlp_counts("bf16")
+
+
+def test_jaxpr_plain_recipe_has_no_quantizer(plain_counts):
+  c = plain_counts
+  assert c["dot"] == 6, c                 # fwd, dgrad, wgrad x 2 layers
+  assert c["lowbit"] == 0 and c["order"] == 0 and c["pow"] == 0, c
+  assert c["rounding"] <= 2, c            # relu's derivative only
+
+
+def test_jaxpr_fp4_paper_quantizes_every_gemm(plain_counts):
+  c = _mlp_counts("fp4_paper")
+  # Per layer: quantized fwd GEMM + the sparse compensation GEMM, dgrad and
+  # wgrad.
+  assert c["dot"] >= 4 * 2, c
+  # Forward x and w quantizers in both layers plus the E5M2 gradient casts.
+  assert c["rounding"] - plain_counts["rounding"] >= 2 * 2 + 2, c
+  assert c["e5m2"] >= 2, c                # gradient quantizer, both layers
+  assert c["order"] >= 2, c               # OCC order statistics per layer
+  assert c["pow"] >= 2, c                 # the DGE power law per layer
+
+
+def test_jaxpr_direct_cast_has_no_occ_or_dge():
+  c = _mlp_counts("w4a4_direct")
+  assert c["dot"] >= 6 and c["e5m2"] >= 2, c
+  assert c["order"] == 0 and c["pow"] == 0, c
