@@ -32,6 +32,8 @@ import numpy as np
 from fp4jax import qdot
 
 RESULTS: dict = {}
+OUT_DIR = None
+DEADLINE = [float("inf")]   # wall-clock time after which timings are skipped
 H200_BF16_PEAK = 989e12   # dense bf16 FLOP/s, datasheet (SXM)
 
 
@@ -52,6 +54,13 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def _save_partial(name, value):
+  RESULTS[name] = value
+  if OUT_DIR:
+    with open(os.path.join(OUT_DIR, "results.json"), "w") as f:
+      json.dump(RESULTS, f, indent=1)
+
+
 def section(name):
   def deco(fn):
     def run(*a, **k):
@@ -63,6 +72,9 @@ def section(name):
         traceback.print_exc()
         RESULTS[name] = {"error": f"{type(e).__name__}: {e}"}
       print(f"   ({time.time() - t0:.1f} s)", flush=True)
+      if OUT_DIR:   # partial results survive a timeout
+        with open(os.path.join(OUT_DIR, "results.json"), "w") as f:
+          json.dump(RESULTS, f, indent=1)
     return run
   return deco
 
@@ -128,62 +140,70 @@ def qmatmul_speed(m=8192, k=2048, n=5632, iters=20):
   return out
 
 
-def _train_step_fn(cfg, recipe_name, batch, seq):
-  import optax
-  from flax import nnx
-  from fp4jax import llama, qconfig
-  rules = qconfig.default_rules(recipe_name)
-  model = llama.Llama(cfg, rules=rules, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(model)
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.adamw(3e-4, 0.9, 0.95, 1e-8, weight_decay=0.1))
-  opt_state = tx.init(params)
+def _make_trainer(size, recipe, batch, seq, attention, moments):
+  from fp4jax import llama, optim, qconfig, sharding, sizes, train_state
+  kw = dict(sizes.SIZES[size])
+  kw["max_seq_len"] = max(kw["max_seq_len"], seq)
+  cfg = llama.LlamaConfig(**kw, attention=attention)
+  tr = train_state.make_trainer(
+      cfg, qconfig.default_rules(recipe), optim.OptimConfig(moments=moments),
+      num_steps=1000, mesh=sharding.make_mesh(data=-1), global_batch=batch,
+      seq_len=seq, seed=0)
+  rng = np.random.default_rng(0)
+  toks = rng.integers(0, cfg.vocab_size, (batch, seq + 1), dtype=np.int32)
+  local = {"inputs": toks[:, :-1], "targets": toks[:, 1:],
+           "mask": np.ones((batch, seq), np.float32),
+           "segment_ids": np.ones((batch, seq), np.int32)}
+  return cfg, tr, tr.put_batch(local)
 
-  def loss_fn(p, tokens, key):
-    logits = nnx.merge(graphdef, p)(tokens[:, :-1], key=key)
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    tgt = tokens[:, 1:]
-    return -jnp.mean(jnp.take_along_axis(lp, tgt[..., None], -1))
 
-  @jax.jit
-  def step(p, o, tokens, key):
-    loss, grads = jax.value_and_grad(loss_fn)(p, tokens, key)
-    upd, o = tx.update(grads, o, p)
-    return optax.apply_updates(p, upd), o, loss
-
-  tokens = jax.random.randint(jax.random.key(3), (batch, seq + 1), 0,
-                              cfg.vocab_size)
-  return step, params, opt_state, tokens
+# (size, recipe, per-device batch): the headline pairs first, extras after,
+# so a time budget cuts the least important ones.
+TRAIN_RUNS = (("125m", "bf16", 8), ("125m", "fp4_paper", 8),
+              ("1.3b", "bf16", 4), ("1.3b", "fp4_paper", 4),
+              ("125m", "fp8", 8), ("125m", "nvfp4", 8),
+              ("125m", "fp4_code", 8), ("1.3b", "fp8", 4))
 
 
 @section("train_step")
-def train_step_speed(sizes=("125m", "350m", "1.3b"), batch=8, seq=2048,
-                     recipes=("bf16", "fp8", "fp4_paper", "fp4_code",
-                              "nvfp4"), iters=5):
-  from fp4jax import llama, sizes as size_table
+def train_step_speed(runs=TRAIN_RUNS, seq=2048, iters=5, moments="paper"):
+  from fp4jax import flops, sizes
   out = {}
-  for size in sizes:
-    kw = dict(size_table.SIZES[size])
-    kw["max_seq_len"] = max(kw.get("max_seq_len", seq), seq)
-    cfg = llama.LlamaConfig(**kw)
-    n_params = size_table.param_count(cfg)
-    flops_tok = 6 * n_params + 12 * cfg.n_layers * cfg.d_model * seq
-    base = None
-    for rec in recipes:
-      step, p, o, tok = _train_step_fn(cfg, rec, batch, seq)
-      key = jax.random.key(4)
-      t0 = time.perf_counter()
-      jax.block_until_ready(step(p, o, tok, key))
-      compile_s = time.perf_counter() - t0
-      t = _median_time(lambda: step(p, o, tok, key), iters=iters, warmup=1)
-      base = t if rec == "bf16" else base
-      toks = batch * seq / t
-      out[f"{size}/{rec}"] = {
-          "step_ms": t * 1e3, "ratio": t / base if base else None,
-          "tokens_per_s": toks, "mfu": toks * flops_tok / H200_BF16_PEAK,
-          "compile_s": compile_s}
-      print(f"   {size} {rec}: {t*1e3:.1f} ms", flush=True)
-      del step, p, o
+  attention = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  base = {}
+  for size, rec, batch in runs:
+    name = f"{size}/{rec}"
+    if time.time() > DEADLINE[0]:
+      out[name] = "skipped: time budget"
+      continue
+    try:
+      cfg, tr, b = _make_trainer(size, rec, batch, seq, attention, moments)
+    except Exception as e:   # cudnn attention unavailable: fall back
+      print(f"   {name}: {type(e).__name__}: {str(e)[:200]}; attention=xla")
+      attention = "xla"
+      cfg, tr, b = _make_trainer(size, rec, batch, seq, attention, moments)
+    state = tr.init()
+    state, m = tr.train_step(state, b)       # warm up
+    jax.block_until_ready(m["loss"])
+    t0 = time.perf_counter()
+    for _ in range(iters):
+      state, m = tr.train_step(state, b)
+    loss = float(m["loss"])
+    t = (time.perf_counter() - t0) / iters
+    if rec == "bf16":
+      base[size] = t
+    toks = batch * seq / t
+    n_params = sizes.param_count(cfg)
+    out[name] = {
+        "step_ms": t * 1e3, "ratio_to_bf16": t / base[size] if size in base
+        else None, "tokens_per_s": toks, "batch": batch, "seq": seq,
+        "mfu": toks * flops.flops_per_token(cfg, seq) / H200_BF16_PEAK,
+        "compile_s": tr.compile_seconds, "loss": loss,
+        "attention": attention, "params": n_params}
+    print(f"   {name}: {t*1e3:.1f} ms/step, compile {tr.compile_seconds:.0f}"
+          f" s, loss {loss:.3f}", flush=True)
+    _save_partial("train_step", out)
+    del state, tr, b
   return out
 
 
@@ -192,22 +212,47 @@ def main():
   ap.add_argument("--out", required=True)
   ap.add_argument("--quick", action="store_true",
                   help="small shapes (dry run on CPU)")
+  ap.add_argument("--budget_s", type=float, default=420.,
+                  help="start no new train-step timing after this many s")
   a = ap.parse_args()
   os.makedirs(a.out, exist_ok=True)
+  global OUT_DIR
+  OUT_DIR = a.out
+  DEADLINE[0] = time.time() + a.budget_s
   env()
   if a.quick:
     qmatmul_correctness(64, 128, 96)
     qmatmul_speed(256, 128, 256, iters=2)
-    train_step_speed(sizes=("tiny",), batch=2, seq=32, iters=1,
-                     recipes=("bf16", "fp4_paper"))
+    train_step_speed(runs=(("tiny", "bf16", 2), ("tiny", "fp4_paper", 2)),
+                     seq=32, iters=1)
   else:
     qmatmul_correctness()
     qmatmul_speed()
     train_step_speed()
-  with open(os.path.join(a.out, "results.json"), "w") as f:
-    json.dump(RESULTS, f, indent=1)
-  print(json.dumps(RESULTS, indent=1))
+  summarize(RESULTS)
   return 0
+
+
+def summarize(res):
+  """A short table of the headline numbers (the full data is results.json)."""
+  print("\n#### summary", json.dumps(res.get("env")))
+  corr = res.get("qmatmul_correctness", {})
+  if "error" in corr:
+    print("correctness ERROR", corr["error"])
+  for name, row in corr.items():
+    if isinstance(row, dict) and "reference" in row:
+      cells = " ".join(f"{impl}:y{v['y']:.1e}/dx{v['dx']:.1e}/dw{v['dw']:.1e}"
+                       f"{'' if v['finite'] else ' NONFINITE'}"
+                       for impl, v in row.items())
+      print(f"corr {name:12s} {cells}")
+  for sec in ("qmatmul_speed", "train_step"):
+    for name, v in res.get(sec, {}).items():
+      if isinstance(v, dict):
+        print(f"{sec} {name:22s} " + " ".join(
+            f"{k}={x:.4g}" if isinstance(x, float) else f"{k}={x}"
+            for k, x in v.items()))
+      else:
+        print(f"{sec} {name:22s} {v}")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ class LlamaConfig:
     tie_embeddings: use the embedding transposed as the LM head.
     compute_dtype: dtype of activations and matmul operands.
     param_dtype: dtype parameters are stored in.
+    attention: "xla" (einsum + softmax, any backend, segment masks) or
+      "cudnn" (fused flash attention via jax.nn.dot_product_attention on
+      NVIDIA GPUs; causal only, no segment_ids).
   """
   vocab_size: int
   d_model: int
@@ -61,8 +64,12 @@ class LlamaConfig:
   tie_embeddings: bool = False
   compute_dtype: str = "bfloat16"
   param_dtype: str = "float32"
+  attention: str = "xla"
 
   def __post_init__(self):
+    if self.attention not in ("xla", "cudnn"):
+      raise ValueError(f"LlamaConfig.attention must be 'xla' or 'cudnn', "
+                       f"got {self.attention!r}")
     for name in ("vocab_size", "d_model", "n_layers", "n_heads",
                  "n_kv_heads", "d_ff", "max_seq_len"):
       v = getattr(self, name)
@@ -238,6 +245,13 @@ class Attention(nnx.Module):
     v = self.v_proj(x_btd, key).reshape(b, t, g, kd)
     q = apply_rope(q, positions_bt, cfg.rope_theta).reshape(b, t, g, r, kd)
     k = apply_rope(k, positions_bt, cfg.rope_theta)
+    if cfg.attention == "cudnn":
+      # Fused causal flash attention; mask_bts is the causal mask here
+      # (segment_ids are rejected at the model's entry).
+      o = jax.nn.dot_product_attention(
+          q.reshape(b, t, g * r, kd), k, v, is_causal=True,
+          implementation="cudnn")
+      return self.o_proj(o.reshape(b, t, g * r * kd), key)
     # Query head h = g * R + r shares kv head g: consecutive query heads
     # form a group, the layout LLaMA checkpoints use.
     s = jnp.einsum("BTGRK,BSGK->BGRTS", q, k,
@@ -361,6 +375,9 @@ class Llama(nnx.Module):
                        f"{cfg.max_seq_len}")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is not None and cfg.attention == "cudnn":
+      raise ValueError("LlamaConfig.attention='cudnn' supports causal "
+                       "masks only; use attention='xla' with segment_ids")
     causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
     mask = jnp.broadcast_to(causal, (b, t, t))
     if segment_ids is not None:
