@@ -125,16 +125,82 @@ def _round_stochastic(x: jax.Array, f: Format, key: jax.Array) -> jax.Array:
   return jnp.where(u < p, hi, lo)
 
 
+# Float formats rounded arithmetically by `round_to_float`: mantissa bits,
+# exponent of the smallest normal, largest finite value.
+FLOAT_BITS = {
+    "e4m3": (3, -6, 448.),
+    "e5m2": (2, -14, 57344.),
+    "float16": (10, -14, 65504.),
+    "bfloat16": (7, -126, 3.3895313892515355e38),
+}
+
+
+def round_to_float(x: jax.Array, fmt: str) -> jax.Array:
+  """Rounds f32 values to the nearest value of a float format (RNE), as f32.
+
+  Saturates at +-max; subnormals of the target format are kept (not
+  flushed); NaN stays NaN. Equal to an ml_dtypes cast followed by a cast
+  back to f32, but written as arithmetic (`lax.reduce_precision` plus a
+  fixed-step rounding below the smallest normal): XLA:GPU, which may
+  assume excess precision, removes f32 -> fp8 -> f32 convert pairs and so
+  would silently skip the quantization.
+
+  Args:
+    x: float array.
+    fmt: "e4m3" | "e5m2" | "float16" | "bfloat16".
+  """
+  try:
+    mant, emin, fmax = FLOAT_BITS[fmt]
+  except KeyError:
+    raise ValueError(f"unknown fmt {fmt!r} for round_to_float; expected one "
+                     f"of {sorted(FLOAT_BITS)}") from None
+  xc = jnp.clip(x.astype(jnp.float32), -fmax, fmax)
+  normal = jax.lax.reduce_precision(xc, exponent_bits=8, mantissa_bits=mant)
+  if emin <= -126:
+    # bf16 shares f32's exponent range (and XLA flushes f32 subnormals).
+    return normal
+  step = 2. ** (emin - mant)        # spacing of the subnormals
+  sub = jnp.round(xc / step) * step  # jnp.round is half-to-even
+  return jnp.where(jnp.abs(xc) < 2. ** emin, sub, normal)
+
+
+def stochastic_round_to_float(x: jax.Array, fmt: str,
+                              key: jax.Array) -> jax.Array:
+  """Unbiased stochastic rounding of f32 values to a float format, as f32.
+
+  Returns one of the two neighbouring values lo <= x <= hi of `fmt`, hi
+  with probability (x - lo) / (hi - lo). Pure arithmetic (see
+  `round_to_float` for why no convert pairs); saturates at +-max.
+  """
+  mant, emin, fmax = FLOAT_BITS[fmt]
+  x32 = jnp.clip(x.astype(jnp.float32), -fmax, fmax)
+  near = round_to_float(x32, fmt)
+  _, ex = jnp.frexp(near)               # near = m * 2**ex, m in [0.5, 1)
+  e = jnp.where(near == 0, emin, jnp.maximum(ex - 1, emin))
+  ulp = jnp.ldexp(jnp.float32(1), e - mant)
+  # Just below a power of two (toward zero) the spacing halves.
+  pow2 = (jnp.abs(near) == jnp.ldexp(jnp.float32(1), e)) & (e > emin)
+  down = jnp.where(pow2 & (near > 0), ulp / 2, ulp)
+  up = jnp.where(pow2 & (near < 0), ulp / 2, ulp)
+  lo = jnp.where(near <= x32, near, near - down)
+  hi = jnp.minimum(jnp.where(near >= x32, near, near + up), fmax)
+  gap = hi - lo
+  p = jnp.where(gap > 0, (x32 - lo) / jnp.where(gap > 0, gap, 1.), 0.)
+  u = jax.random.uniform(key, x32.shape, jnp.float32)
+  out = jnp.where(u < p, hi, lo)
+  return jnp.where(jnp.isnan(x32), x32, out)
+
+
 def cast_fp8(x: jax.Array, fmt: str) -> jax.Array:
   """Saturating cast to FP8 E4M3 / E5M2, returned in the FP8 dtype.
 
   JAX's FP8 casts do not saturate (e4m3fn: 500 -> NaN, e5m2: 1e6 -> inf), so
-  values are clipped to +-max first. NaN stays NaN.
+  values are rounded (saturating) first; the final cast is then exact.
   """
   f = get_format(fmt)
   if f.is_fp4:
     raise ValueError(f"cast_fp8 needs an FP8 fmt, got fmt={fmt!r}")
-  return jnp.clip(x, -f.max, f.max).astype(f.dtype)
+  return round_to_float(x, fmt).astype(f.dtype)
 
 
 def round_to_format(x: jax.Array, fmt: str, mode: str = "paper",
@@ -163,7 +229,7 @@ def round_to_format(x: jax.Array, fmt: str, mode: str = "paper",
     if mode == "stochastic":
       raise ValueError(
           f"mode='stochastic' is implemented for FP4 formats, not fmt={fmt!r}")
-    return cast_fp8(x, fmt).astype(x.dtype)
+    return jnp.where(jnp.isnan(x), x, round_to_float(x, fmt)).astype(x.dtype)
   xf = x.astype(jnp.float32)
   if mode == "paper":
     out = _round_paper(xf, f)
@@ -186,6 +252,6 @@ def cast_scale(s: jax.Array, scale_fmt: str) -> jax.Array:
   if scale_fmt == "e8m0":
     return jnp.exp2(jnp.clip(jnp.floor(jnp.log2(s)), -127., 127.))
   if scale_fmt == "e4m3":
-    return cast_fp8(s, "e4m3").astype(jnp.float32)
+    return round_to_float(s, "e4m3")
   raise ValueError(
       f"unknown scale_fmt {scale_fmt!r}; expected 'f32', 'e8m0' or 'e4m3'")

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fp4jax import numerics
+
 _F32 = jnp.dtype(jnp.float32)
 _BF16 = jnp.dtype(jnp.bfloat16)
 _F16 = jnp.dtype(jnp.float16)
@@ -309,8 +311,11 @@ def round_grads_to_fp8() -> optax.GradientTransformation:
   """
   def one(g):
     g = g.astype(_F32)
-    q, s = _encode(g, _E4M3)
-    return jnp.where(jnp.isfinite(g), _decode(q, s), g)
+    _, s = _encode(g, _E4M3)
+    # Rounded arithmetically, not by an f32 -> fp8 -> f32 convert pair,
+    # which XLA:GPU may remove (see numerics.round_to_float).
+    q = numerics.round_to_float(g * s, "e4m3")
+    return jnp.where(jnp.isfinite(g), q / s, g)
 
   def update_fn(updates, state, params=None):
     del params
@@ -408,16 +413,9 @@ def params_for_grad(params: optax.Params, cfg: OptimConfig) -> optax.Params:
 def _round_stochastic(x32: jax.Array, dtype: jnp.dtype,
                       key: jax.Array) -> jax.Array:
   """f32 -> dtype, rounding to one of the two neighbours, unbiased."""
-  near = x32.astype(dtype)
-  near32 = near.astype(_F32)
-  # The other neighbour lies on the far side of x from the nearest one.
-  away = jnp.where(near32 > x32, -jnp.inf, jnp.inf).astype(dtype)
-  other = jnp.nextafter(near, away)
-  # P(other) = |x - near| / |other - near| in [0, 1/2]; exact x gives 0,
-  # Inf/NaN give NaN and keep `near`.
-  p_other = (x32 - near32) / (other.astype(_F32) - near32)
-  u = jax.random.uniform(key, x32.shape, _F32)
-  return jnp.where(u < p_other, other, near)
+  name = {_F16: "float16", jnp.dtype(jnp.bfloat16): "bfloat16"}[
+      jnp.dtype(dtype)]
+  return numerics.stochastic_round_to_float(x32, name, key).astype(dtype)
 
 
 def apply_updates(params: optax.Params, updates: optax.Updates,

@@ -268,3 +268,54 @@ def test_stochastic_bf16_dtype():
 def test_bad_input_raises(call, word):
   with pytest.raises(ValueError, match=word):
     call()
+
+
+# ------------------------------------------- arithmetic float rounding
+_FLOAT_DTYPES = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2,
+                 "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+def _float_sweep(fmt):
+  """Log sweep over the whole range incl. subnormals, codes and midpoints."""
+  mx = numerics.FLOAT_BITS[fmt][2]
+  mag = np.geomspace(1e-12, min(mx, 1e30), 100001).astype(np.float32)
+  pts = [mag, -mag, np.float32([0.0, -0.0, mx, -mx])]
+  if fmt in ("e4m3", "e5m2"):
+    codes = np.arange(256, dtype=np.uint8).view(_FLOAT_DTYPES[fmt])
+    codes = np.sort(codes.astype(np.float32)[np.isfinite(
+        codes.astype(np.float32))])
+    mids = ((codes[1:].astype(np.float64) + codes[:-1]) / 2).astype(
+        np.float32)
+    pts += [codes, mids, np.nextafter(mids, np.float32(np.inf)),
+            np.nextafter(mids, np.float32(-np.inf))]
+  return np.clip(np.concatenate(pts), -mx, mx)
+
+
+@pytest.mark.parametrize("fmt", sorted(numerics.FLOAT_BITS))
+def test_round_to_float_matches_ml_dtypes(fmt):
+  # Independent oracle: the ml_dtypes / numpy cast (RNE, subnormals kept).
+  x = _float_sweep(fmt)
+  want = x.astype(_FLOAT_DTYPES[fmt]).astype(np.float32)
+  got = np.asarray(jax.jit(numerics.round_to_float, static_argnums=1)(
+      jnp.asarray(x), fmt))
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16"])
+def test_stochastic_round_to_float_unbiased_on_grid(fmt):
+  x = np.float32([1e-9, -1e-9, 3e-7, 0.7, -0.7, 1.001, 6.0975e-05, 1000.3])
+  keys = jax.random.split(jax.random.key(0), SR_DRAWS)
+  d = np.asarray(jax.jit(jax.vmap(
+      lambda k: numerics.stochastic_round_to_float(jnp.asarray(x), fmt, k)))(
+          keys), np.float64)
+  dt = _FLOAT_DTYPES[fmt]
+  # Every draw is a value of the format and one of x's two neighbours.
+  np.testing.assert_array_equal(d, d.astype(dt).astype(np.float64))
+  for i in range(x.size):
+    vals = np.unique(d[:, i])
+    assert vals.size <= 2, (fmt, x[i], vals)
+    span = vals.max() - vals.min() if vals.size == 2 else 0.
+    # CLT bound on the mean of Bernoulli(p) * span draws.
+    bound = SR_SIGMAS * span * 0.5 / np.sqrt(SR_DRAWS) + 1e-45
+    assert abs(d[:, i].mean() - np.float64(x[i])) <= bound, (fmt, x[i])
+
