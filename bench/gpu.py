@@ -214,7 +214,20 @@ def main():
                   help="small shapes (dry run on CPU)")
   ap.add_argument("--budget_s", type=float, default=420.,
                   help="start no new train-step timing after this many s")
+  ap.add_argument("--sections", default="corr,speed,train",
+                  help="comma list of corr, speed, train")
+  ap.add_argument("--train_runs", default="",
+                  help="size/recipe/batch,... (default: TRAIN_RUNS)")
+  ap.add_argument("--prng", default="rbg",
+                  help="default PRNG impl; threefry init compiled in >3 min "
+                       "for 125m on an H200, rbg does not")
   a = ap.parse_args()
+  jax.config.update("jax_default_prng_impl", a.prng)
+  sections = set(a.sections.split(","))
+  runs = TRAIN_RUNS
+  if a.train_runs:
+    runs = tuple((r.split("/")[0], r.split("/")[1], int(r.split("/")[2]))
+                 for r in a.train_runs.split(","))
   os.makedirs(a.out, exist_ok=True)
   global OUT_DIR
   OUT_DIR = a.out
@@ -226,9 +239,12 @@ def main():
     train_step_speed(runs=(("tiny", "bf16", 2), ("tiny", "fp4_paper", 2)),
                      seq=32, iters=1)
   else:
-    qmatmul_correctness()
-    qmatmul_speed()
-    train_step_speed()
+    if "corr" in sections:
+      qmatmul_correctness()
+    if "speed" in sections:
+      qmatmul_speed()
+    if "train" in sections:
+      train_step_speed(runs=runs)
   summarize(RESULTS)
   return 0
 

@@ -141,8 +141,9 @@ def qdense(x: jax.Array, kernel: jax.Array, recipe, key: jax.Array | None,
     k = None if key is None else jax.random.fold_in(key, pid)
     y = qdot.qmatmul(x2d, kernel, recipe, k)
   else:
-    # f32 accumulation, then one rounding to the output dtype.
-    y = jnp.dot(x2d, kernel, preferred_element_type=jnp.float32)
+    # f32 accumulation, one rounding to the output dtype; gradient GEMMs
+    # in the compute dtype.
+    y = qdot.plain_matmul(x2d, kernel, out_dtype)
   return y.astype(out_dtype).reshape(*lead, kernel.shape[-1])
 
 

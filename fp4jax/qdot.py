@@ -183,11 +183,43 @@ def _qmatmul_bwd(recipe, res, g):
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
-def plain_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [M, K] @ w [K, N] in x.dtype with f32 accumulation (no quantization)."""
-  return jax.lax.dot_general(x, w.astype(x.dtype), _NN,
-                             preferred_element_type=jnp.float32
-                             ).astype(x.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _plain(x, w, out_dtype):
+  return jax.lax.dot_general(x, w, _NN, preferred_element_type=jnp.float32
+                             ).astype(out_dtype)
+
+
+def _plain_fwd(x, w, out_dtype):
+  return _plain(x, w, out_dtype), (x, w)
+
+
+def _plain_bwd(out_dtype, res, g):
+  del out_dtype
+  x, w = res
+  # Backward GEMMs in the operands' dtype (bf16 x bf16 with f32
+  # accumulation), not in the f32 of the cotangent: autodiff of an f32-output
+  # dot would otherwise run both gradient GEMMs in f32.
+  g = g.astype(x.dtype)
+  dx = jax.lax.dot_general(g, w, _NT, preferred_element_type=jnp.float32)
+  dw = jax.lax.dot_general(x, g, _TN, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_plain.defvjp(_plain_fwd, _plain_bwd)
+
+
+def plain_matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+  """x [M, K] @ w [K, N], no quantization: f32 accumulation, one rounding.
+
+  Args:
+    x: [M, K]; its dtype is the compute dtype (w is cast to it).
+    w: [K, N].
+    out_dtype: result dtype (default x.dtype; f32 for logits).
+
+  Returns:
+    [M, N] in out_dtype. Gradients are computed in x.dtype GEMMs.
+  """
+  return _plain(x, w.astype(x.dtype), jnp.dtype(out_dtype or x.dtype))
 
 
 def qmatmul(x: jax.Array, w: jax.Array, recipe: Recipe | str | None,

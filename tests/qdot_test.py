@@ -339,6 +339,11 @@ def _count(jaxpr, counts):
       dt = jnp.dtype(eqn.params["new_dtype"])
       if dt in _LOWBIT:
         counts[f"cast:{dt.name}"] = counts.get(f"cast:{dt.name}", 0) + 1
+    if name == "reduce_precision":
+      # FP8 rounding is arithmetic (numerics.round_to_float): E5M2 is the
+      # reduce_precision with 2 mantissa bits, E4M3 with 3.
+      m = eqn.params["mantissa_bits"]
+      counts[f"cast:rp_m{m}"] = counts.get(f"cast:rp_m{m}", 0) + 1
     for v in eqn.params.values():
       for sub in _subjaxprs(v):
         _count(sub, counts)
@@ -357,7 +362,7 @@ def _mlp_counts(recipe):
       "dot": c.get("dot_general", 0),
       "rounding": total(_ROUNDING_PRIMS) + total(
           k for k in c if k.startswith("cast:")),
-      "e5m2": c.get("cast:float8_e5m2", 0),
+      "e5m2": c.get("cast:float8_e5m2", 0) + c.get("cast:rp_m2", 0),
       "lowbit": total(k for k in c if k.startswith("cast:")),
       "order": total(_ORDER_PRIMS),
       "pow": total(_POW_PRIMS),
