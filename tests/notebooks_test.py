@@ -1,0 +1,26 @@
+"""Every notebook executes headless without errors (slow: starts a kernel)."""
+
+import pathlib
+
+import pytest
+
+NOTEBOOKS = sorted((pathlib.Path(__file__).parents[1] / "notebooks").glob(
+    "*.ipynb"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_executes(path):
+  nbclient = pytest.importorskip("nbclient")
+  nbformat = pytest.importorskip("nbformat")
+  nb = nbformat.read(path, as_version=4)
+  nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                          resources={"metadata": {"path": str(path.parent.parent)}}
+                          ).execute()
+
+
+def test_notebooks_are_stripped():
+  import json
+  for path in NOTEBOOKS:
+    for cell in json.loads(path.read_text())["cells"]:
+      assert not cell.get("outputs"), f"{path.name} has outputs; strip them"
