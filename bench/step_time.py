@@ -1,0 +1,96 @@
+r"""Time the jitted train step per quantization recipe, side by side.
+
+  PYTHONPATH=. python bench/step_time.py                       # demo model
+  PYTHONPATH=. python bench/step_time.py --size=125m --batch=8 --seq=1024 \
+      --recipes=bf16,fp4_paper,mxfp4,nvfp4
+
+Builds the model and optimizer through the fp4jax API (no ml_collections,
+grain or tfds, so it runs on a bare GPU image), compiles one train step per
+recipe, then times them in interleaved rounds (so machine load drifts hit
+every recipe alike) and prints the median step time and its ratio to the
+first recipe (bf16 by default; the goal for fp4_paper is <= 1.15x).
+"""
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+
+from fp4jax import optim
+from fp4jax import qconfig
+from fp4jax import sharding
+from fp4jax import sizes
+from fp4jax import train_state
+from fp4jax.data import synthetic
+
+
+def _args(argv):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--size", default="demo", help="key of fp4jax.sizes.SIZES")
+  p.add_argument("--recipes", default="bf16,fp4_paper",
+                 help="comma-separated recipe names; ratios are vs the first")
+  # Defaults are configs/demo.py's shapes.
+  p.add_argument("--batch", type=int, default=8, help="global batch B")
+  p.add_argument("--seq", type=int, default=64, help="sequence length T")
+  p.add_argument("--vocab", type=int, default=512,
+                 help="vocabulary (0 = the size table's)")
+  p.add_argument("--compute_dtype", default="bfloat16")
+  p.add_argument("--attention", default="xla", help="xla | cudnn (GPU)")
+  p.add_argument("--steps", type=int, default=12, help="timed steps each")
+  p.add_argument("--rounds", type=int, default=3,
+                 help="interleaved rounds the timed steps are split into")
+  p.add_argument("--warmup", type=int, default=2,
+                 help="untimed steps after compiling")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> dict[str, float]:
+  a = _args(argv)
+  recipes = [r for r in a.recipes.split(",") if r]
+  overrides = {"compute_dtype": a.compute_dtype, "attention": a.attention}
+  if a.vocab:
+    overrides["vocab_size"] = a.vocab
+  model_cfg = sizes.get_config(a.size, **overrides)
+  optim_cfg = optim.OptimConfig()
+  mesh = sharding.make_mesh(-1, 1, 1)
+  data = synthetic.SyntheticInput(
+      vocab_size=model_cfg.vocab_size, seq_len=a.seq, global_batch=a.batch,
+      seed=0)
+  device = jax.devices()[0]
+  print(f"{a.size}: {sizes.param_count(model_cfg):,} params, B={a.batch} "
+        f"T={a.seq}, {jax.device_count()} x {device.device_kind}, "
+        f"jax {jax.__version__}", flush=True)
+  runs = {}
+  for name in recipes:
+    rules = qconfig.default_rules(qconfig.get_recipe(name))
+    t = train_state.make_trainer(
+        model_cfg, rules, optim_cfg, num_steps=1000, mesh=mesh,
+        global_batch=a.batch, seq_len=a.seq, seed=0)
+    state = t.init()
+    batch = t.put_batch(next(data))
+    for _ in range(a.warmup):
+      state, m = t.train_step(state, batch)
+    jax.block_until_ready(m)
+    runs[name] = {"trainer": t, "state": state, "batch": batch, "times": []}
+    print(f"  {name}: compiled in {t.compile_seconds:.1f} s", flush=True)
+  per_round = max(a.steps // a.rounds, 1)
+  for _ in range(a.rounds):
+    for run in runs.values():
+      for _ in range(per_round):
+        t0 = time.perf_counter()
+        run["state"], m = run["trainer"].train_step(run["state"],
+                                                     run["batch"])
+        jax.block_until_ready(m)
+        run["times"].append(time.perf_counter() - t0)
+  medians = {n: statistics.median(r["times"]) for n, r in runs.items()}
+  base = medians[recipes[0]]
+  print(f"{'recipe':<14}{'median ms/step':>16}{'ratio':>8}")
+  for name, sec in medians.items():
+    print(f"{name:<14}{1e3 * sec:>16.1f}{sec / base:>7.2f}x")
+  return medians
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

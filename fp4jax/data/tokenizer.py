@@ -1,0 +1,196 @@
+"""SentencePiece tokenizer: train (BPE) or load, exact round trip, BOS/EOS.
+
+Owns: the tokenizer model of a run. Either `data.tokenizer_model` (an
+existing .model file, e.g. LLaMA's) or a BPE model with `data.vocab_size`
+pieces trained on a bounded sample of the train split and stored as
+`<workdir>/tokenizer.model` (reused on restart; a restart asking for another
+vocab size is an error).
+
+Trained models are lossless: identity normalization, no whitespace
+collapsing, whitespace-only pieces allowed, byte fallback (any character
+outside the pieces becomes its UTF-8 bytes), and no dummy prefix, so
+`decode(encode(text)) == text` for any text. Ids: unk 0, BOS 1, EOS 2; no
+pad id (padding is masked, see pipeline.py).
+
+A document is encoded as [BOS] + tokens + [EOS]. Encoding splits the text at
+"\\n" and encodes the lines in one batched call: no trained piece contains
+"\\n" (training sees lines), so the ids equal those of encoding the whole
+document at once, several times faster (SentencePiece slows down on long
+strings). For loaded models with a dummy prefix (LLaMA) only the first line
+gets the prefix, which again equals whole-document encoding.
+
+Must not import: ml_collections, tensorflow_datasets, grain, or other
+fp4jax modules.
+"""
+
+import hashlib
+import io
+import itertools
+import os
+import re
+from collections.abc import Iterable, Sequence
+
+from absl import logging
+import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
+# Lines longer than this many bytes are left out of tokenizer training
+# (SentencePiece's own limit is 4192; long lines are rare in prose and code).
+_MAX_TRAIN_LINE_BYTES = 4192
+
+
+class Tokenizer:
+  """A loaded SentencePiece model.
+
+  Attributes:
+    vocab_size: number of ids; every id is in [0, vocab_size).
+    bos_id, eos_id: the document delimiters.
+    fingerprint: hex digest of the model file (identifies the vocabulary).
+    path: where the model was loaded from ("" = from bytes).
+  """
+
+  def __init__(self, model_proto: bytes, path: str = ""):
+    """Loads a serialized model.
+
+    Raises:
+      ValueError: not a SentencePiece model, or one without BOS/EOS ids.
+    """
+    where = path or "tokenizer model"
+    try:
+      proto = sentencepiece_model_pb2.ModelProto.FromString(model_proto)
+      self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    except Exception as e:  # protobuf DecodeError, RuntimeError
+      raise ValueError(f"{where}: not a SentencePiece model "
+                       f"({type(e).__name__})") from None
+    self.vocab_size = self._sp.vocab_size()
+    self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+    if self.bos_id < 0 or self.eos_id < 0:
+      raise ValueError(f"{where}: the model has no BOS/EOS piece")
+    self.fingerprint = hashlib.sha256(model_proto).hexdigest()[:16]
+    self.path = path
+    # Lines after the first continue the document: no dummy prefix there.
+    if proto.normalizer_spec.add_dummy_prefix:
+      proto.normalizer_spec.add_dummy_prefix = False
+      self._sp_rest = spm.SentencePieceProcessor(
+          model_proto=proto.SerializeToString())
+    else:
+      self._sp_rest = self._sp
+
+  @classmethod
+  def load(cls, path: str, key: str = "data.tokenizer_model") -> "Tokenizer":
+    """Loads a .model file; FileNotFoundError naming `key` if missing."""
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{key}: no such file {path!r}")
+    with open(path, "rb") as f:
+      return cls(f.read(), path=path)
+
+  def encode(self, text: str) -> np.ndarray:
+    """Ids of `text` without BOS/EOS: int32 [n]."""
+    lines = text.split("\n")
+    pieces = [line + "\n" for line in lines[:-1]]
+    if lines[-1]:
+      pieces.append(lines[-1])
+    if not pieces:
+      return np.zeros((0,), np.int32)
+    if self._sp_rest is self._sp:
+      ids = self._sp.encode(pieces)
+    else:
+      ids = self._sp.encode(pieces[:1]) + self._sp_rest.encode(pieces[1:])
+    n = sum(len(x) for x in ids)
+    return np.fromiter(itertools.chain.from_iterable(ids), np.int32, n)
+
+  def encode_document(self, text: str) -> np.ndarray:
+    """[BOS] + encode(text) + [EOS]: int32 [n + 2]."""
+    body = self.encode(text)
+    out = np.empty((body.size + 2,), np.int32)
+    out[0], out[-1] = self.bos_id, self.eos_id
+    out[1:-1] = body
+    return out
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Text of ids; BOS/EOS/unk ids decode to ""."""
+    return self._sp.decode([int(i) for i in ids])
+
+
+def train_bpe(lines: Iterable[str], vocab_size: int) -> bytes:
+  """A lossless BPE model (serialized) with exactly `vocab_size` pieces.
+
+  Args:
+    lines: training sentences (text lines without "\\n").
+    vocab_size: number of pieces, including unk/BOS/EOS and 256 bytes.
+
+  Raises:
+    ValueError: naming data.vocab_size when SentencePiece cannot reach it
+      (too small for the byte pieces + characters, or too large for the
+      sample).
+  """
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe",
+        vocab_size=vocab_size, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        byte_fallback=True, add_dummy_prefix=False, split_digits=True,
+        max_sentence_length=_MAX_TRAIN_LINE_BYTES, unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, num_threads=min(os.cpu_count() or 1, 8),
+        minloglevel=2)
+  except RuntimeError as e:
+    reason = " ".join(str(e).split())
+    need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", reason)
+    if need:
+      raise ValueError(
+          f"data.vocab_size={vocab_size} is too small for this corpus: "
+          f"byte-fallback BPE needs >= {need.group(1)} pieces (256 bytes, "
+          f"unk/BOS/EOS and the corpus's characters)") from None
+    raise ValueError(f"data.vocab_size={vocab_size}: SentencePiece BPE "
+                     f"training failed: {reason}") from None
+  return model.getvalue()
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)   # several processes may train the same model
+
+
+def get_tokenizer(*, vocab_size: int, model_path: str, store_path: str,
+                  sample: Iterable[str]) -> Tokenizer:
+  """The run's tokenizer: loaded, reused from `store_path`, or trained.
+
+  Args:
+    vocab_size: data.vocab_size; must equal the model's size.
+    model_path: data.tokenizer_model ("" = none: reuse or train).
+    store_path: where a trained model is kept (e.g. workdir/tokenizer.model).
+    sample: training lines, consumed only when a model is trained.
+
+  Raises:
+    FileNotFoundError: data.tokenizer_model is missing.
+    ValueError: one line: the loaded / stored model's vocabulary differs
+      from data.vocab_size, or training fails.
+  """
+  if model_path:
+    tok = Tokenizer.load(model_path)
+    if vocab_size != tok.vocab_size:
+      raise ValueError(f"data.vocab_size={vocab_size} but "
+                       f"data.tokenizer_model={model_path!r} has "
+                       f"{tok.vocab_size} pieces; set data.vocab_size="
+                       f"{tok.vocab_size}")
+    return tok
+  if os.path.isfile(store_path):
+    tok = Tokenizer.load(store_path, key="stored tokenizer")
+    if vocab_size != tok.vocab_size:
+      raise ValueError(f"data.vocab_size={vocab_size} but the stored "
+                       f"tokenizer {store_path!r} of this run has "
+                       f"{tok.vocab_size} pieces; keep data.vocab_size="
+                       f"{tok.vocab_size} or use a new workdir")
+    logging.info("tokenizer: reusing %s (%d pieces)", store_path,
+                 tok.vocab_size)
+    return tok
+  logging.info("tokenizer: training a %d-piece BPE model", vocab_size)
+  proto = train_bpe(sample, vocab_size)
+  _write_atomic(store_path, proto)
+  logging.info("tokenizer: stored %s", store_path)
+  return Tokenizer(proto, path=store_path)

@@ -1,0 +1,307 @@
+"""The training loop: config in, checkpoints and metrics out.
+
+Owns: `train_and_evaluate` (turns the ConfigDict into LlamaConfig, quant
+rules, OptimConfig, mesh and input iterators once; resumes or initialises
+the state; runs, logs, evaluates and checkpoints), and `NonFiniteError`.
+The pure step functions live in `fp4jax.train_state`, metric records in
+`fp4jax.metrics`, FLOP counts in `fp4jax.flops`.
+
+Must not import: tensorflow_datasets, grain (the data sources do), or
+fp4jax.main.
+"""
+
+import dataclasses
+import functools
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from fp4jax import checkpoint
+from fp4jax import data
+from fp4jax import flops
+from fp4jax import llama
+from fp4jax import metrics as metrics_lib
+from fp4jax import optim
+from fp4jax import qconfig
+from fp4jax import qdot
+from fp4jax import sharding
+from fp4jax import sizes
+from fp4jax import train_state
+
+
+# Compiled trainers by their (hashable) arguments: a notebook or test that
+# calls train_and_evaluate again with the same shapes does not recompile.
+_make_trainer = functools.lru_cache(maxsize=2)(train_state.make_trainer)
+
+
+class NonFiniteError(FloatingPointError):
+  """A step produced a NaN/inf loss or gradient norm (skip_nonfinite=False)."""
+
+
+def model_config(model: Mapping[str, Any], data_vocab: int
+                 ) -> llama.LlamaConfig:
+  """LlamaConfig from the `model` section: size table + non-zero overrides.
+
+  Args:
+    model: the `model` config section (size + LlamaConfig fields, where 0
+      means "from the size table" and vocab_size 0 means "from the data").
+    data_vocab: the input pipeline's vocabulary size.
+
+  Raises:
+    ValueError: unknown size, invalid field, or a vocabulary smaller than
+      the data's.
+  """
+  fields = {f.name for f in dataclasses.fields(llama.LlamaConfig)}
+  overrides = {}
+  for key, value in model.items():
+    if key == "size":
+      continue
+    if key not in fields:
+      raise ValueError(f"model.{key} is not a LlamaConfig field")
+    unset = (not isinstance(value, bool) and isinstance(value, (int, float))
+             and value == 0)
+    if not unset:
+      overrides[key] = value
+  if "vocab_size" not in overrides:
+    overrides["vocab_size"] = data_vocab
+  elif overrides["vocab_size"] < data_vocab:
+    raise ValueError(f"model.vocab_size={overrides['vocab_size']} is smaller "
+                     f"than the data's vocabulary ({data_vocab})")
+  return sizes.get_config(model["size"], **overrides)
+
+
+def quant_rules(quant: Mapping[str, Any]
+                ) -> tuple[tuple[tuple[str, Any], ...], qconfig.Recipe]:
+  """(rules for llama.Llama, the main recipe) from the `quant` section.
+
+  quant.overrides modify quant.recipe; quant.rules name recipes by RECIPES
+  key ("none" = plain), and a rule naming quant.recipe gets the overridden
+  one. Empty rules = `qconfig.default_rules(recipe)` (RECIPE §5).
+
+  Raises:
+    ValueError: unknown recipe, override, or malformed rule.
+  """
+  recipe = qdot.get_recipe(quant["recipe"], **dict(quant["overrides"]))
+  if not quant["rules"]:
+    return tuple(qconfig.default_rules(recipe)), recipe
+  rules = []
+  for rule in quant["rules"]:
+    if len(rule) != 2 or not all(isinstance(r, str) for r in rule):
+      raise ValueError(f"quant.rules entries must be (regex, recipe name) "
+                       f"pairs, got {rule!r}")
+    pattern, name = rule
+    if name == "none":
+      rules.append((pattern, None))
+    elif name == quant["recipe"]:
+      rules.append((pattern, recipe))
+    else:
+      rules.append((pattern, qdot.get_recipe(name)))
+  return tuple(rules), recipe
+
+
+def _check_loop_keys(config) -> None:
+  for key, low in (("num_steps", 1), ("log_every", 1), ("eval_every", 0),
+                   ("eval_steps", 0), ("checkpoint_every", 1),
+                   ("keep_checkpoints", 1)):
+    value = config[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+
+
+def quant_table_lines(table: Mapping[str, str]) -> list[str]:
+  """Collapses "layers.<i>.<rest>" paths into one line per (rest, recipe)."""
+  groups: dict[tuple[str, str], list[str]] = {}
+  for path, recipe in table.items():
+    m = re.fullmatch(r"layers\.(\d+)\.(.*)", path)
+    key = (f"layers.*.{m.group(2)}" if m else path, recipe)
+    groups.setdefault(key, []).append(m.group(1) if m else "")
+  width = max(len(p) for p, _ in groups)
+  out = []
+  for (path, recipe), layers in groups.items():
+    where = f" (layers {layers[0]}-{layers[-1]})" if layers[0] else ""
+    out.append(f"  {path:<{width}}  {recipe}{where}")
+  return out
+
+
+def _summarize(window: list[tuple[int, dict[str, Any]]], skip: bool,
+               ckpt_dir: str, latest: int | None) -> dict[str, Any]:
+  """Host-side means over a log window; raises on a non-finite step."""
+  fetched = jax.device_get([m for _, m in window])
+  flats = [metrics_lib.flatten(m) for m in fetched]
+  if not skip:
+    for (step, _), f in zip(window, flats):
+      if f["nonfinite"]:
+        bad = "loss" if not np.isfinite(f["loss"]) else "grad_norm"
+        where = (f"step {latest} in {ckpt_dir}" if latest is not None
+                 else "none saved yet")
+        raise NonFiniteError(
+            f"step {step}: {bad} is {f[bad]} (loss {f['loss']}, grad_norm "
+            f"{f['grad_norm']}); stopped without saving that state; last "
+            f"checkpoint: {where}. Set skip_nonfinite=True to skip such "
+            f"steps instead.")
+  out: dict[str, Any] = {}
+  for key in flats[-1]:
+    values = np.asarray([f[key] for f in flats], np.float64)
+    if key == "lr":
+      out[key] = float(values[-1])
+    elif key == "nonfinite":
+      out["skipped"] = int(values.sum())
+    else:
+      finite = values[np.isfinite(values)]
+      out[key] = float(finite.mean()) if finite.size else float(values[-1])
+  return out
+
+
+def _evaluate(trainer, state, val_it, val_start, steps: int) -> float:
+  val_it.set_state(val_start)   # the same batches at every evaluation
+  outs = [trainer.eval_step(state.params, state.rng,
+                            trainer.put_batch(next(val_it)))
+          for _ in range(steps)]
+  outs = jax.device_get(outs)
+  nll = sum(float(o["nll_sum"]) for o in outs)
+  tokens = sum(float(o["tokens"]) for o in outs)
+  return nll / max(tokens, 1.0)
+
+
+def _stop_requested(flag, boundary: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag.is_set()
+  if not boundary:   # processes agree only at boundaries (one collective)
+    return False
+  votes = multihost_utils.process_allgather(np.int32(flag.is_set()))
+  return bool(np.max(votes))
+
+
+def train_and_evaluate(config, workdir: str, *,
+                       stop_at_step: int | None = None,
+                       metrics_fn: Any = None) -> train_state.TrainState:
+  """Trains per `config`, resuming from `workdir` if it holds a checkpoint.
+
+  Args:
+    config: a ConfigDict with the keys of configs/default.py.
+    workdir: run directory: checkpoints/, config.json, metrics.jsonl, tb/.
+    stop_at_step: stop after this step as if preempted (save, return);
+      for tests and time-boxed jobs. The schedule still spans num_steps.
+    metrics_fn: optional (params=, grads=) -> nested dict of scalars, run
+      inside the jitted step; logged as "a/b/c" keys (per-layer telemetry).
+
+  Returns:
+    The final TrainState.
+
+  Raises:
+    ValueError: one line naming the config key or workdir that is invalid;
+      raised before anything in the workdir is written.
+    NonFiniteError: a non-finite loss / grad norm with skip_nonfinite=False.
+  """
+  _check_loop_keys(config)
+  num_steps = config.num_steps
+  optim_cfg = optim.OptimConfig(**config.optim.to_dict())
+  optim.validate_schedule(optim_cfg, num_steps)
+  rules, recipe = quant_rules(config.quant)
+  mesh = sharding.make_mesh(**config.mesh.to_dict())
+  seed = config.data.shuffle_seed
+  seed = config.seed if seed < 0 else seed
+  pidx, pcount = jax.process_index(), jax.process_count()
+  train_it = data.make_input(config.data, split="train", seed=seed,
+                             process_index=pidx, process_count=pcount,
+                             workdir=workdir)
+  val_it = None
+  if config.eval_steps:
+    val_it = data.make_input(config.data, split="val", seed=seed,
+                             process_index=pidx, process_count=pcount,
+                             workdir=workdir)
+  model_cfg = model_config(config.model.to_dict(), train_it.vocab_size)
+  run_info = {"model": dataclasses.asdict(model_cfg),
+              "quant": {"recipe": recipe.name,
+                        "overrides": dict(config.quant.overrides),
+                        "rules": [list(r) for r in config.quant.rules]},
+              "config": config.to_dict()}
+  checkpoint.check_run_info(workdir, run_info)
+  trainer = _make_trainer(
+      model_cfg, rules, optim_cfg, num_steps=num_steps, mesh=mesh,
+      global_batch=config.data.global_batch, seq_len=config.data.seq_len,
+      seed=config.seed, skip_nonfinite=config.skip_nonfinite,
+      segment_ids=config.data.segment_ids, metrics_fn=metrics_fn)
+  # Everything is validated: from here on the workdir may be written.
+  checkpoint.write_run_info(workdir, run_info)
+  ckpt = checkpoint.Checkpointer(workdir, every=config.checkpoint_every,
+                                 keep=config.keep_checkpoints)
+  writer = metrics_lib.MetricWriter(workdir, enabled=pidx == 0)
+  try:
+    return _loop(config, trainer, ckpt, writer, train_it, val_it,
+                 stop_at_step)
+  finally:
+    ckpt.close()
+    writer.close()
+
+
+def _loop(config, trainer, ckpt, writer, train_it, val_it, stop_at_step):
+  num_steps = config.num_steps
+  logging.info("model %s: %s, %d parameters", config.model.size,
+               trainer.model_cfg, sizes.param_count(trainer.model_cfg))
+  logging.info("quantization (projection -> recipe):\n%s",
+               "\n".join(quant_table_lines(trainer.quant_table)))
+  latest = ckpt.latest_step()
+  if latest is None:
+    state = trainer.init()
+    logging.info("initialised a fresh state")
+  else:
+    state, data_state = ckpt.restore(trainer.abstract_state, latest)
+    train_it.set_state(data_state)
+    logging.info("resumed from step %d (%s)", latest, ckpt.directory)
+  val_start = val_it.get_state() if val_it is not None else None
+  step = int(jax.device_get(state.step))
+  tokens_per_step = config.data.global_batch * config.data.seq_len
+  flops_token = flops.flops_per_token(trainer.model_cfg, config.data.seq_len)
+  devices = trainer.mesh.devices.size
+  kind = trainer.mesh.devices.flat[0].device_kind
+  window: list[tuple[int, dict[str, Any]]] = []
+  t_last = time.perf_counter()
+  with checkpoint.sigterm_flag() as flag:
+    while step < num_steps:
+      batch = trainer.put_batch(next(train_it))
+      state, m = trainer.train_step(state, batch)
+      step += 1
+      window.append((step, m))
+      is_eval = val_it is not None and (
+          step == num_steps or (config.eval_every and
+                                step % config.eval_every == 0))
+      boundary = (step % config.log_every == 0 or step == num_steps or
+                  step % config.checkpoint_every == 0 or is_eval or
+                  step == stop_at_step)
+      stop = _stop_requested(flag, boundary) or step == stop_at_step
+      if not (boundary or stop):
+        continue
+      summary = _summarize(window, config.skip_nonfinite, ckpt.directory,
+                           ckpt.latest_step())
+      elapsed = time.perf_counter() - t_last
+      step_time = elapsed / len(window)
+      summary.update(
+          step_time=step_time, tokens_per_sec=tokens_per_step / step_time,
+          skipped_total=int(jax.device_get(state.skipped)),
+          eta_sec=step_time * (num_steps - step))
+      summary["mfu"] = flops.mfu(summary["tokens_per_sec"], flops_token,
+                                 devices, kind)
+      if summary["mfu"] is None:
+        del summary["mfu"]
+      window = []
+      if is_eval:
+        summary["val_loss"] = _evaluate(trainer, state, val_it, val_start,
+                                        config.eval_steps)
+      if (step % config.log_every == 0 or is_eval or step == num_steps or
+          stop):
+        writer.write(step, summary)
+        logging.info("%s", metrics_lib.console_line(step, num_steps, summary))
+      ckpt.save(step, state, train_it.get_state(),
+                force=stop or step == num_steps)
+      t_last = time.perf_counter()
+      if stop:
+        logging.info("stopping at step %d (checkpoint saved)", step)
+        break
+  return state

@@ -1,0 +1,300 @@
+"""The train state and the pure, jitted train / eval steps.
+
+Owns: `TrainState`, the masked cross-entropy, `train_step` / `eval_step`
+(module-level pure functions) and `make_trainer`, which builds the model,
+shards the state from logical axis names, and compiles both steps once
+(ahead of time, with explicit in/out shardings and the state donated).
+
+Takes plain values and frozen dataclasses (LlamaConfig, OptimConfig, quant
+rules); the benchmark uses it directly.
+
+Must not import: ml_collections, tensorflow_datasets, grain, fp4jax.data,
+fp4jax.checkpoint, fp4jax.train, fp4jax.main.
+"""
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from fp4jax import llama
+from fp4jax import optim
+from fp4jax import sharding
+
+# Salt folded into the run key for evaluation, far from any step number.
+_EVAL_SALT = 0x7FFF_FFFF
+BATCH_KEYS = ("inputs", "targets", "mask", "segment_ids")
+BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32,
+                "mask": jnp.float32, "segment_ids": jnp.int32}
+
+Batch = Mapping[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; also what is checkpointed.
+
+  Attributes:
+    step: int32 [], optimizer steps taken (skipped ones included).
+    params: nnx.State of the model's Params (master dtype).
+    opt_state: the optax state of `optim.make_optimizer`.
+    rng: typed PRNG key of the run; step s uses fold_in(rng, s).
+    skipped: int32 [], steps whose update was dropped as non-finite.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  skipped: jax.Array
+
+
+def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array,
+                  mask_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Masked next-token negative log-likelihood, in float32.
+
+  Args:
+    logits_btv: [B, T, V] logits.
+    targets_bt: [B, T] int token ids.
+    mask_bt: [B, T] weights (1 = count this target, 0 = ignore).
+
+  Returns:
+    (sum of nll * mask, sum of mask), both f32 scalars.
+  """
+  logits = logits_btv.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets_bt[..., None], axis=-1)[..., 0]
+  mask = mask_bt.astype(jnp.float32)
+  return jnp.sum((lse - picked) * mask), jnp.sum(mask)
+
+
+def _loss(params, graphdef, batch: Batch, key, segment_ids: bool):
+  model = nnx.merge(graphdef, params)
+  logits = model(batch["inputs"], key=key,
+                 segment_ids=batch["segment_ids"] if segment_ids else None)
+  nll, n = cross_entropy(logits, batch["targets"], batch["mask"])
+  return nll / jnp.maximum(n, 1.0)
+
+
+def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
+               tx: optax.GradientTransformation, optim_cfg: Any,
+               schedule: Callable[[jax.Array], jax.Array],
+               skip_nonfinite: bool = False, segment_ids: bool = False,
+               metrics_fn: Callable[..., Mapping[str, Any]] | None = None
+               ) -> tuple[TrainState, dict[str, Any]]:
+  """One optimizer step on a global batch.
+
+  Args:
+    state: the current TrainState.
+    batch: {"inputs", "targets", "segment_ids"}: int32 [B, T]; "mask": f32.
+    graphdef: the model's nnx GraphDef (static).
+    tx: the optax optimizer (static).
+    optim_cfg: `optim.OptimConfig` (static) for master-weight updates.
+    schedule: step -> learning rate, for the "lr" metric.
+    skip_nonfinite: if True, a step whose loss or gradient norm is not
+      finite keeps the old params and optimizer state (step still advances,
+      so the data and key move on) and counts in `skipped`.
+    segment_ids: pass batch["segment_ids"] to the model (packed documents).
+    metrics_fn: optional (params=, grads=) -> nested dict of scalars merged
+      into the metrics (per-layer telemetry).
+
+  Returns:
+    The new state and {"loss", "grad_norm", "lr", "nonfinite", ...} as f32 /
+    int32 scalars ("nonfinite" is 1 if this step's loss or grad norm was
+    NaN/inf).
+  """
+  key = jax.random.fold_in(state.rng, state.step)
+  model_key, round_key = jax.random.split(key)
+  loss, grads = jax.value_and_grad(_loss)(
+      optim.params_for_grad(state.params, optim_cfg), graphdef, batch,
+      model_key, segment_ids)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  # The key makes low-memory (2-byte) master weights round stochastically,
+  # so updates below half an ulp still count in expectation.
+  params = optim.apply_updates(state.params, updates, optim_cfg, round_key)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  skipped = state.skipped
+  if skip_nonfinite:
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(
+        ok, new, old))
+    params = keep(params, state.params)
+    opt_state = keep(opt_state, state.opt_state)
+    skipped = skipped + (~ok).astype(jnp.int32)
+  metrics = {"loss": loss, "grad_norm": grad_norm,
+             "lr": jnp.asarray(schedule(state.step), jnp.float32),
+             "nonfinite": (~ok).astype(jnp.int32)}
+  if metrics_fn is not None:
+    metrics.update(metrics_fn(params=state.params, grads=grads))
+  new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                      skipped=skipped)
+  return new, metrics
+
+
+def eval_step(params: Any, rng: jax.Array, batch: Batch, *, graphdef: Any,
+              segment_ids: bool = False) -> dict[str, jax.Array]:
+  """Summed nll and target count of one batch (no update).
+
+  Returns:
+    {"nll_sum": f32 [], "tokens": f32 []}; the val loss of several batches
+    is sum(nll_sum) / sum(tokens).
+  """
+  model = nnx.merge(graphdef, params)
+  key = jax.random.fold_in(rng, _EVAL_SALT)
+  logits = model(batch["inputs"], key=key,
+                 segment_ids=batch["segment_ids"] if segment_ids else None)
+  nll, n = cross_entropy(logits, batch["targets"], batch["mask"])
+  return {"nll_sum": nll, "tokens": n}
+
+
+@dataclasses.dataclass
+class Trainer:
+  """A model with its sharded state layout and compiled steps.
+
+  Attributes:
+    model_cfg: the LlamaConfig.
+    graphdef: the model's nnx GraphDef.
+    quant_table: projection path -> recipe name ("none" = plain).
+    mesh: the device mesh.
+    state_shardings: TrainState-shaped pytree of NamedSharding.
+    abstract_state: TrainState of ShapeDtypeStruct (with shardings): the
+      restore target.
+    batch_sharding: NamedSharding of every [B, T] batch array.
+    init: () -> TrainState, created already sharded.
+    train_step: compiled (state, batch) -> (state, metrics); donates state.
+    eval_step: compiled (params, rng, batch) -> {"nll_sum", "tokens"}.
+    compile_seconds: wall time spent lowering and compiling both steps.
+  """
+  model_cfg: llama.LlamaConfig
+  graphdef: Any
+  quant_table: dict[str, str]
+  mesh: jax.sharding.Mesh
+  state_shardings: Any
+  abstract_state: Any
+  batch_sharding: NamedSharding
+  init: Callable[[], TrainState]
+  train_step: Callable[..., tuple[TrainState, dict[str, Any]]]
+  eval_step: Callable[..., dict[str, jax.Array]]
+  compile_seconds: float
+
+  def put_batch(self, local: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """This process's numpy rows -> global arrays placed per batch_sharding."""
+    return {k: jax.make_array_from_process_local_data(
+        self.batch_sharding, np.asarray(local[k], BATCH_DTYPES[k]))
+            for k in BATCH_KEYS}
+
+
+def make_trainer(model_cfg: llama.LlamaConfig,
+                 quant_rules: Sequence[tuple[str, Any]] | None,
+                 optim_cfg: Any, *, num_steps: int, mesh: jax.sharding.Mesh,
+                 global_batch: int, seq_len: int, seed: int,
+                 logical_rules: sharding.Rules = sharding.LOGICAL_RULES,
+                 skip_nonfinite: bool = False, segment_ids: bool = False,
+                 metrics_fn: Callable[..., Mapping[str, Any]] | None = None
+                 ) -> Trainer:
+  """Builds the model, its sharded state layout and the compiled steps.
+
+  Args:
+    model_cfg: model shape and numerics.
+    quant_rules: (regex, Recipe | None) pairs for `llama.Llama`; None = none.
+    optim_cfg: `optim.OptimConfig`.
+    num_steps: schedule length.
+    mesh: device mesh (axes data, fsdp, tensor).
+    global_batch: B; divisible by the data x fsdp mesh size.
+    seq_len: T; at most model_cfg.max_seq_len.
+    seed: init and run key seed.
+    logical_rules: logical -> mesh axis rules.
+    skip_nonfinite: see `train_step`.
+    segment_ids: see `train_step`.
+    metrics_fn: see `train_step`.
+
+  Returns:
+    A Trainer.
+
+  Raises:
+    ValueError: naming the config key when batch, sequence or parameter
+      dims do not fit the mesh or model.
+  """
+  if seq_len > model_cfg.max_seq_len:
+    raise ValueError(f"data.seq_len={seq_len} exceeds the model's "
+                     f"max_seq_len={model_cfg.max_seq_len}")
+  batch_sh = sharding.batch_sharding(mesh, logical_rules)
+  batch_ways = 1
+  for axes in batch_sh.spec[:1]:
+    for a in (axes,) if isinstance(axes, str) else tuple(axes or ()):
+      batch_ways *= mesh.shape[a]
+  if global_batch % batch_ways:
+    raise ValueError(f"data.global_batch={global_batch} is not divisible by "
+                     f"the {batch_ways} batch shards of the mesh "
+                     f"{dict(mesh.shape)}")
+  tx = optim.make_optimizer(optim_cfg, num_steps)
+  schedule = optim.make_schedule(optim_cfg, num_steps)
+
+  def build_model(key):
+    return llama.Llama(model_cfg, rules=quant_rules,
+                       rngs=nnx.Rngs(params=key))
+
+  def init() -> TrainState:
+    root = jax.random.key(seed)
+    params = nnx.state(build_model(jax.random.fold_in(root, 0)), nnx.Param)
+    params = optim.cast_master(params, optim_cfg)
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                      opt_state=tx.init(params),
+                      rng=jax.random.fold_in(root, 1),
+                      skipped=jnp.zeros([], jnp.int32))
+
+  abstract_model = nnx.eval_shape(lambda: build_model(jax.random.key(0)))
+  graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise NotImplementedError("model state other than nnx.Param is not "
+                              f"supported: {rest}")
+  sharding.check_divisible(abstract_params, mesh, logical_rules)
+  abstract = jax.eval_shape(init)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  # Optimizer leaves derived from a param (e.g. per-tensor moment scales)
+  # inherit its logical names but not its rank: keep those replicated.
+  state_sh = jax.tree.map(
+      lambda a, s: s if len(s.spec) <= len(a.shape) else replicated,
+      abstract, sharding.state_shardings(abstract, mesh, logical_rules))
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, state_sh)
+  abstract_batch = {k: jax.ShapeDtypeStruct((global_batch, seq_len),
+                                            BATCH_DTYPES[k], sharding=batch_sh)
+                    for k in BATCH_KEYS}
+  step_fn = functools.partial(
+      train_step, graphdef=graphdef, tx=tx, optim_cfg=optim_cfg,
+      schedule=schedule, skip_nonfinite=skip_nonfinite,
+      segment_ids=segment_ids, metrics_fn=metrics_fn)
+  eval_fn = functools.partial(eval_step, graphdef=graphdef,
+                              segment_ids=segment_ids)
+  t0 = time.perf_counter()
+  # Trace inside the mesh context so activation constraints take effect;
+  # compiling ahead of time means each step is traced exactly once.
+  with sharding.use_mesh(mesh, logical_rules):
+    init_c = jax.jit(init, out_shardings=state_sh).lower().compile()
+    train_c = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
+                      out_shardings=(state_sh, replicated),
+                      donate_argnums=0).lower(abstract, abstract_batch
+                                              ).compile()
+    eval_c = jax.jit(eval_fn, in_shardings=(state_sh.params, replicated,
+                                            batch_sh),
+                     out_shardings=replicated).lower(
+                         abstract.params, abstract.rng, abstract_batch
+                     ).compile()
+  seconds = time.perf_counter() - t0
+  logging.info("compiled init/train/eval steps in %.1f s", seconds)
+  return Trainer(model_cfg=model_cfg, graphdef=graphdef,
+                 quant_table=dict(abstract_model.quant_table), mesh=mesh,
+                 state_shardings=state_sh, abstract_state=abstract,
+                 batch_sharding=batch_sh, init=init_c, train_step=train_c,
+                 eval_step=eval_c, compile_seconds=seconds)
