@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   """The default run: the 125m model in bf16 on synthetic tokens."""
   c = ml_collections.ConfigDict()
   c.seed = 0                  # base PRNG seed: init, step and data keys
+  c.prng_impl = "threefry2x32"  # or "rbg": GPU init compiles in s, not min
   c.num_steps = 20_000        # optimizer steps; also the LR schedule length
   c.log_every = 50            # steps between log lines / metrics records
   c.eval_every = 1_000        # steps between validation passes (0 = at end)

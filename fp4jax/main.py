@@ -8,6 +8,7 @@ import logging as std_logging
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -49,6 +50,10 @@ def main(_) -> None:
       lambda r: r.levelno >= std_logging.WARNING or r.pathname.startswith(
           os.path.dirname(train.__file__)))
   try:
+    try:
+      jax.config.update("jax_default_prng_impl", _CONFIG.value.prng_impl)
+    except ValueError as e:
+      raise ValueError(f"config.prng_impl: {e}") from None
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, train.NonFiniteError) as e:
     if _TRACEBACK.value:

@@ -296,6 +296,33 @@ def test_make_dot_general_matches_qmatmul():
                                 np.asarray(want))
 
 
+def test_make_dot_general_in_nnx_linear_and_einsum():
+  from flax import nnx
+  x, w, _ = _inputs(np_ref.FP4_PAPER)
+  lin = nnx.Linear(K, N, use_bias=False, rngs=nnx.Rngs(0),
+                   dot_general=qdot.make_dot_general("fp4_paper"))
+  lin.kernel.value = jnp.asarray(w)
+  want = qdot.qmatmul(jnp.asarray(x), jnp.asarray(w), "fp4_paper")
+  np.testing.assert_array_equal(np.asarray(lin(jnp.asarray(x))),
+                                np.asarray(want))
+  # Gradients flow through the layer (the custom_vjp, not a plain dot).
+  g = nnx.grad(lambda m: jnp.sum(m(jnp.asarray(x)) ** 2))(lin)
+  assert np.all(np.isfinite(np.asarray(g.kernel.value)))
+  ein = jnp.einsum("mk,kn->mn", jnp.asarray(x), jnp.asarray(w),
+                   _dot_general=qdot.make_dot_general("fp4_paper"))
+  # jnp.einsum is jitted internally: a few ulps from fusion (JIT_RTOL).
+  np.testing.assert_allclose(np.asarray(ein), np.asarray(want),
+                             rtol=JIT_RTOL, atol=JIT_RTOL * np.max(np.abs(want)))
+
+
+def test_make_dot_general_rejects_other_contractions():
+  dg = qdot.make_dot_general("fp4_paper")
+  with pytest.raises(NotImplementedError, match="dimension_numbers"):
+    dg(jnp.ones((3, 4)), jnp.ones((5, 4)), (((1,), (1,)), ((), ())))
+  with pytest.raises(NotImplementedError, match="batch"):
+    dg(jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5)), (((2,), (1,)), ((0,), (0,))))
+
+
 # -------------------------------------------------------------- bad input
 @pytest.mark.parametrize("xs,ws,word", [
     ((2, M, K), (K, N), r"\bx\b"), ((M, K), (K,), r"\bw\b"),
