@@ -21,8 +21,10 @@ from fp4jax import optim
 from fp4jax import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
-                 if p.stem not in ("__init__", "common", "models"))
+CONFIGS = sorted(f"configs.{p.stem}" for p in (ROOT / "configs").glob("*.py")
+                 if p.stem not in ("__init__", "common", "models")) + sorted(
+                     f"experiments.{p.stem}"
+                     for p in (ROOT / "experiments").glob("*.py"))
 
 
 def _assigned_keys(tree: ast.AST) -> dict[str, int]:
@@ -65,7 +67,7 @@ def test_default_sections_equal_the_dataclass_fields():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_builds_and_converts(name):
-  module = importlib.import_module(f"configs.{name}")
+  module = importlib.import_module(name)
   cfg = module.get_config()
   model_cfg = train.model_config(cfg.model.to_dict(), cfg.data.vocab_size)
   assert model_cfg.vocab_size == cfg.data.vocab_size
