@@ -255,7 +255,13 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES
   """
   def one(leaf):
     names = param_names(leaf)
-    spec = logical_to_spec(names, rules) if names else PartitionSpec()
+    value = leaf.get_value() if _is_var(leaf) else leaf
+    # Leaves derived from a parameter (an optimizer's per-tensor scale) may
+    # carry its names but not its rank: those are replicated.
+    if names and len(names) == len(getattr(value, "shape", ())):
+      spec = logical_to_spec(names, rules)
+    else:
+      spec = PartitionSpec()
     if _is_var(leaf):
       return leaf.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, spec)

@@ -260,11 +260,7 @@ def make_trainer(model_cfg: llama.LlamaConfig,
   sharding.check_divisible(abstract_params, mesh, logical_rules)
   abstract = jax.eval_shape(init)
   replicated = NamedSharding(mesh, PartitionSpec())
-  # Optimizer leaves derived from a param (e.g. per-tensor moment scales)
-  # inherit its logical names but not its rank: keep those replicated.
-  state_sh = jax.tree.map(
-      lambda a, s: s if len(s.spec) <= len(a.shape) else replicated,
-      abstract, sharding.state_shardings(abstract, mesh, logical_rules))
+  state_sh = sharding.state_shardings(abstract, mesh, logical_rules)
   abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, state_sh)
