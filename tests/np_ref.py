@@ -175,6 +175,45 @@ def fake_quant(x, fmt: str = "e2m1", axis=-1, pow2: bool = False,
   return q / sf
 
 
+def _blocks_last(x: np.ndarray, block: int) -> np.ndarray:
+  """[..., n] -> [..., n // block, block]."""
+  return x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+
+
+def mx_fake_quant(x, block: int = 32, fmt: str = "e2m1") -> np.ndarray:
+  """OCP MX along the last axis: a shared power-of-two scale per block.
+
+  Shared exponent E = floor(log2(amax_block)) - emax_elem (emax_elem = 2 for
+  E2M1); elements are round-half-even(x / 2**E), saturated at +-max. An
+  all-zero block keeps scale 1.
+  """
+  x = np.asarray(x, np.float64)
+  xb = _blocks_last(x, block)
+  amax = np.max(np.abs(xb), axis=-1, keepdims=True)
+  emax = int(np.floor(np.log2(max_value(fmt))))
+  _, e = np.frexp(np.where(amax > 0, amax, 1.0))   # amax = m 2**e, m in [.5,1)
+  scale = np.where(amax > 0, np.ldexp(1.0, e - 1 - emax), 1.0)
+  q = round_rne(xb / scale, fmt) * scale
+  return q.reshape(x.shape)
+
+
+def nv_fake_quant(x, block: int = 16) -> np.ndarray:
+  """NVFP4 along the last axis: E4M3 block scales under one f32 tensor scale.
+
+  ts = amax_tensor / (6 * 448); block decode scale d = e4m3(amax_b / 6 / ts)
+  * ts (ml_dtypes RNE cast); elements round-half-even(x / d), saturated.
+  """
+  x = np.asarray(x, np.float64)
+  ts = np.max(np.abs(x)) / (6.0 * 448.0)
+  ts = ts if ts > 0 else 1.0
+  xb = _blocks_last(x, block)
+  amax = np.max(np.abs(xb), axis=-1, keepdims=True)
+  d = (amax / 6.0 / ts).astype(np.float32).astype(
+      ml_dtypes.float8_e4m3fn).astype(np.float64) * ts
+  d = np.where(d > 0, d, 1.0)
+  return (round_rne(xb / d, "e2m1") * d).reshape(x.shape)
+
+
 def dge_derivative(xs, k: float = 5.0, cap: float = 3.0,
                    fmt: str = "e2m1") -> np.ndarray:
   """f'(xs) of the recipe's DGE (section 3) on scaled values, float64.

@@ -286,6 +286,24 @@ def test_eager_equals_jit():
                              atol=JIT_RTOL * np.max(np.abs(eager)))
 
 
+@pytest.mark.parametrize("recipe,fq", [
+    ("mxfp4", lambda a: np_ref.mx_fake_quant(a, 32)),
+    ("nvfp4", lambda a: np_ref.nv_fake_quant(a, 16))])
+def test_block_recipes_forward_vs_oracle(recipe, fq):
+  # Both operands are block-quantized along the contraction axis K (x's
+  # rows, w's columns), then multiplied in float64.
+  rng = np.random.default_rng(3)
+  x = rng.standard_t(df=3, size=(M, K)).astype(np.float32)
+  w = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
+  want = fq(x) @ fq(w.T).T
+  got = np.asarray(qdot.qmatmul(jnp.asarray(x), jnp.asarray(w), recipe,
+                                key=jax.random.key(0)), np.float64)
+  # f32 accumulation of exactly quantized operands (GEMM_RTOL).
+  bound = GEMM_RTOL * (np.abs(fq(x)) @ np.abs(fq(w.T).T))
+  assert np.all(np.abs(got - want) <= bound + 1e-30), np.max(
+      np.abs(got - want) / (bound + 1e-30))
+
+
 def test_make_dot_general_matches_qmatmul():
   x, w, _ = _inputs(np_ref.FP4_PAPER)
   dg = qdot.make_dot_general("fp4_paper")

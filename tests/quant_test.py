@@ -6,6 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from fp4jax import qconfig
 from fp4jax import quant
 import np_ref
 
@@ -319,3 +320,32 @@ def test_occ_bf16_and_jit():
 def test_occ_bad_alpha(alpha):
   with pytest.raises(ValueError, match="alpha"):
     quant.occ_clamp(jnp.ones((2, 8)), alpha)
+
+
+# ------------------------------------------------ MX and NVFP4 block scales
+# Block-scaled values are grid values times a scale; the f32 implementation
+# multiplies by 1/d where the oracle divides by d, so an element can differ
+# only where x/d lands within an f32 ulp of a rounding midpoint.
+BLOCK_RTOL = 1e-6
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_mx_block_scales_match_oracle(data, block):
+  q = qconfig.TensorQuant(fmt="e2m1", axis=-1, block=block, scale_fmt="e8m0",
+                          rounding="rne")
+  x = np.concatenate([data, np.zeros((1,) + data.shape[1:], np.float32)])
+  got = np.asarray(quant.quantize(jnp.asarray(x), q).dequantize(), np.float64)
+  want = np_ref.mx_fake_quant(x, block)
+  np.testing.assert_allclose(got, want, rtol=BLOCK_RTOL, atol=0)
+  # Scales are powers of two: every dequantized block / its scale is on grid.
+  sf = np.asarray(quant.compute_scale(jnp.asarray(x), q))
+  np.testing.assert_array_equal(np.log2(sf), np.round(np.log2(sf)))
+
+
+def test_nvfp4_block_scales_match_oracle(data):
+  q = qconfig.TensorQuant(fmt="e2m1", axis=-1, block=16, scale_fmt="e4m3",
+                          rounding="rne", tensor_scale=True)
+  got = np.asarray(quant.quantize(jnp.asarray(data), q).dequantize(),
+                   np.float64)
+  np.testing.assert_allclose(got, np_ref.nv_fake_quant(data, 16),
+                             rtol=BLOCK_RTOL, atol=0)
