@@ -257,6 +257,16 @@ def _loop(config, trainer, ckpt, writer, train_it, val_it, stop_at_step):
     logging.info("resumed from step %d (%s)", latest, ckpt.directory)
   val_start = val_it.get_state() if val_it is not None else None
   step = int(jax.device_get(state.step))
+  # Memory accounting of the persistent state (params + optimizer state),
+  # from shapes and dtypes: logged at every start, recorded once per run.
+  mem = optim.state_bytes(trainer.abstract_state.params,
+                          trainer.abstract_state.opt_state)
+  logging.info("train state: %.2f bytes/param, %.1f MB in all (master %s, "
+               "moments %s)", mem["bytes_per_param"], mem["total_bytes"] / 1e6,
+               config.optim.master, config.optim.moments)
+  if latest is None:
+    writer.write(step, {"state_bytes_per_param": mem["bytes_per_param"],
+                        "state_bytes": mem["total_bytes"]})
   tokens_per_step = config.data.global_batch * config.data.seq_len
   flops_token = flops.flops_per_token(trainer.model_cfg, config.data.seq_len)
   devices = trainer.mesh.devices.size

@@ -180,9 +180,14 @@ def test_flops_and_peaks():
 # --------------------------------------------------------------- end to end
 
 
-def _records(workdir):
+def _all_records(workdir):
   with open(workdir / metrics.METRICS_FILE) as f:
     return [json.loads(line) for line in f]
+
+
+def _records(workdir):
+  """The per-step records (the start-up memory record has no loss)."""
+  return [r for r in _all_records(workdir) if "loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +208,11 @@ def test_metrics_records_have_required_keys(uninterrupted):
   assert list((workdir / metrics.TB_DIR).glob("events.out.tfevents.*"))
   info = json.loads((workdir / "config.json").read_text())
   assert info["model"]["n_layers"] == 1 and info["quant"]["recipe"] == "bf16"
+  # One memory record at the start: f32 params + f32 Adam m and v = 12
+  # bytes per parameter (plus the int32 step count and scalar scales).
+  mem = [r for r in _all_records(workdir) if "state_bytes_per_param" in r]
+  assert len(mem) == 1 and mem[0]["step"] == 0, mem
+  assert 12.0 <= mem[0]["state_bytes_per_param"] < 12.01, mem
 
 
 def test_resume_is_bit_identical(uninterrupted, tmp_path):
