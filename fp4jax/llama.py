@@ -137,14 +137,11 @@ def qdense(x: jax.Array, kernel: jax.Array, recipe, key: jax.Array | None,
   """
   lead = x.shape[:-1]
   x2d = x.reshape(-1, x.shape[-1])
-  if recipe is not None and recipe.quantizes:
-    k = None if key is None else jax.random.fold_in(key, pid)
-    y = qdot.qmatmul(x2d, kernel, recipe, k)
-  else:
-    # f32 accumulation, one rounding to the output dtype; gradient GEMMs
-    # in the compute dtype.
-    y = qdot.plain_matmul(x2d, kernel, out_dtype)
-  return y.astype(out_dtype).reshape(*lead, kernel.shape[-1])
+  k = None if key is None or recipe is None else jax.random.fold_in(key, pid)
+  # f32 accumulation, one rounding to out_dtype (plain matmul when the
+  # recipe is None or does not quantize).
+  y = qdot.qmatmul(x2d, kernel, recipe, k, out_dtype=out_dtype)
+  return y.reshape(*lead, kernel.shape[-1])
 
 
 class QDense(nnx.Module):

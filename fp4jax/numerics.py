@@ -135,6 +135,14 @@ FLOAT_BITS = {
 }
 
 
+def _float_bits(fmt: str) -> tuple[int, int, float]:
+  try:
+    return FLOAT_BITS[fmt]
+  except (KeyError, TypeError):
+    raise ValueError(f"unknown fmt {fmt!r}; expected one of "
+                     f"{sorted(FLOAT_BITS)}") from None
+
+
 def round_to_float(x: jax.Array, fmt: str) -> jax.Array:
   """Rounds f32 values to the nearest value of a float format (RNE), as f32.
 
@@ -149,11 +157,7 @@ def round_to_float(x: jax.Array, fmt: str) -> jax.Array:
     x: float array.
     fmt: "e4m3" | "e5m2" | "float16" | "bfloat16".
   """
-  try:
-    mant, emin, fmax = FLOAT_BITS[fmt]
-  except KeyError:
-    raise ValueError(f"unknown fmt {fmt!r} for round_to_float; expected one "
-                     f"of {sorted(FLOAT_BITS)}") from None
+  mant, emin, fmax = _float_bits(fmt)
   xc = jnp.clip(x.astype(jnp.float32), -fmax, fmax)
   normal = jax.lax.reduce_precision(xc, exponent_bits=8, mantissa_bits=mant)
   if emin <= -126:
@@ -172,7 +176,7 @@ def stochastic_round_to_float(x: jax.Array, fmt: str,
   with probability (x - lo) / (hi - lo). Pure arithmetic (see
   `round_to_float` for why no convert pairs); saturates at +-max.
   """
-  mant, emin, fmax = FLOAT_BITS[fmt]
+  mant, emin, fmax = _float_bits(fmt)
   x32 = jnp.clip(x.astype(jnp.float32), -fmax, fmax)
   near = round_to_float(x32, fmt)
   _, ex = jnp.frexp(near)               # near = m * 2**ex, m in [0.5, 1)

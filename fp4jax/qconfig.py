@@ -62,6 +62,9 @@ class TensorQuant:
       raise ValueError(f"block must be a non-negative int, got {self.block!r}")
     if self.block and self.axis is None:
       raise ValueError("block scaling needs an axis, got axis=None")
+    if self.tensor_scale and self.scale_fmt != "e4m3":
+      raise ValueError(f"tensor_scale=True is the NVFP4 second level and "
+                       f"needs scale_fmt='e4m3', got {self.scale_fmt!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

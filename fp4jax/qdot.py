@@ -115,13 +115,21 @@ def _fwd_core(x, w, r: Recipe, key):
       # GEMM with the unquantized weight (dense math, separate GEMM).
       y = y + _dot(resid, w32, _NN, impl.deq_dtype)
       x_eff = x_deq + resid
-  sw = qw.scale if qw is not None else None
-  # Residuals are kept in the operands' dtypes (bf16 in a bf16 model).
-  res = (x_eff.astype(x.dtype), w_deq.astype(w.dtype), w, sw,
-         xc.astype(x.dtype) if r.hw_faithful else None,
-         resid if (r.hw_faithful and r.compensation != "none") else None,
+  # Save only what this recipe's backward reads, in the operands' dtypes
+  # (bf16 in a bf16 model); w itself is a parameter, live anyway.
+  reuse = not r.hw_faithful
+  res = (x_eff.astype(x.dtype) if reuse else None,
+         w_deq.astype(w.dtype) if reuse else None, w,
+         qw.scale if _uses_dge(r) else None,
+         None if reuse else xc.astype(x.dtype),
+         resid if (not reuse and r.compensation != "none") else None,
          kb)
   return y, res
+
+
+def _uses_dge(r: Recipe) -> bool:
+  return (r.dge_k is not None and r.w is not None
+          and numerics.get_format(r.w.fmt).is_fp4)
 
 
 def _requant(v32, q: TensorQuant | None, axis: int, key):
@@ -156,28 +164,27 @@ def _bwd_core(r: Recipe, res, g):
             if r.g_wgrad is not None else g32)
   dx = _dot(gq_d, w_d, _NT, impl.deq_dtype)
   dw = _dot(x_w, gq_w, _TN, impl.deq_dtype)
-  if (r.dge_k is not None and r.w is not None
-      and numerics.get_format(r.w.fmt).is_fp4):
+  if _uses_dge(r):
     # DGE: d(dequantized W)/dW evaluated on the scaled weight (RECIPE §3).
     dw = dw * quant.dge_derivative(w.astype(jnp.float32) * sw, r.dge_k,
                                    r.dge_cap, r.w.fmt)
   return dx, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _qmatmul(x, w, recipe, key):
-  return _fwd_core(x, w, recipe, key)[0].astype(x.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _qmatmul(x, w, recipe, dtypes, key):
+  return _fwd_core(x, w, recipe, key)[0].astype(dtypes[1])
 
 
-def _qmatmul_fwd(x, w, recipe, key):
+def _qmatmul_fwd(x, w, recipe, dtypes, key):
   y, res = _fwd_core(x, w, recipe, key)
-  return y.astype(x.dtype), res
+  return y.astype(dtypes[1]), res
 
 
-def _qmatmul_bwd(recipe, res, g):
+def _qmatmul_bwd(recipe, dtypes, res, g):
   dx, dw = _bwd_core(recipe, res, g)
-  # res[0] is x_eff in x's dtype, res[2] is w itself.
-  return dx.astype(res[0].dtype), dw.astype(res[2].dtype), None
+  # dtypes = (x's dtype, y's dtype); res[2] is w itself.
+  return dx.astype(dtypes[0]), dw.astype(res[2].dtype), None
 
 
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
@@ -223,7 +230,7 @@ def plain_matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
 
 
 def qmatmul(x: jax.Array, w: jax.Array, recipe: Recipe | str | None,
-            key: jax.Array | None = None) -> jax.Array:
+            key: jax.Array | None = None, out_dtype=None) -> jax.Array:
   """Quantized x @ w with per-GEMM quantization from `recipe`.
 
   Args:
@@ -231,9 +238,11 @@ def qmatmul(x: jax.Array, w: jax.Array, recipe: Recipe | str | None,
     w: weights [K, N], float.
     recipe: a Recipe, a recipe name (see qconfig.RECIPES) or None (plain).
     key: PRNG key; required only by recipes with stochastic rounding.
+    out_dtype: dtype of y (default x.dtype; f32 for logits). The GEMMs
+      accumulate in f32 and round once to it.
 
   Returns:
-    y [M, N] in x.dtype. Gradients: dx in x.dtype, dw in w.dtype.
+    y [M, N] in out_dtype. Gradients: dx in x.dtype, dw in w.dtype.
 
   Raises:
     ValueError: non-2-D operand, mismatched K, unknown recipe, missing key.
@@ -249,21 +258,22 @@ def qmatmul(x: jax.Array, w: jax.Array, recipe: Recipe | str | None,
   if x.shape[1] != w.shape[0]:
     raise ValueError(f"qmatmul: contraction mismatch, x {x.shape} @ w "
                      f"{w.shape}")
-  if recipe is None or not recipe.quantizes:
-    return plain_matmul(x, w)
-  if not isinstance(recipe, Recipe):
+  if recipe is not None and not isinstance(recipe, Recipe):
     raise ValueError(f"qmatmul: recipe must be a Recipe, a name or None, got "
                      f"{type(recipe).__name__}")
+  if recipe is None or not recipe.quantizes:
+    return plain_matmul(x, w, out_dtype)
   if recipe.needs_key:
     if key is None:
       raise ValueError(f"qmatmul: recipe {recipe.name!r} uses stochastic "
                        f"rounding; pass a PRNG key (argument key)")
   else:
     key = None
-  return _qmatmul(x, w, recipe, key)
+  dtypes = (jnp.dtype(x.dtype), jnp.dtype(out_dtype or x.dtype))
+  return _qmatmul(x, w, recipe, dtypes, key)
 
 
-def make_dot_general(recipe: Recipe | str | None, key: jax.Array | None = None):
+def make_dot_general(recipe: Recipe | str | None):
   """A `lax.dot_general`-compatible function that runs `qmatmul`.
 
   For `nnx.Linear(..., dot_general=make_dot_general("fp4_paper"))` and
@@ -272,6 +282,11 @@ def make_dot_general(recipe: Recipe | str | None, key: jax.Array | None = None):
   """
   if isinstance(recipe, str):
     recipe = get_recipe(recipe)
+  if recipe is not None and recipe.needs_key:
+    # A key captured here would give every call the same rounding noise.
+    raise ValueError(f"make_dot_general: recipe {recipe.name!r} uses "
+                     "stochastic rounding; call qmatmul with a fresh key per "
+                     "call instead")
 
   def dot_general(lhs, rhs, dimension_numbers, precision=None,
                   preferred_element_type=None, out_sharding=None, **kw):
@@ -283,7 +298,7 @@ def make_dot_general(recipe: Recipe | str | None, key: jax.Array | None = None):
           f"quantized dot_general supports only x[..., K] @ w[K, ...] with "
           f"no batch dims; got dimension_numbers={dimension_numbers}")
     x2 = lhs.reshape(-1, lhs.shape[-1])
-    y = qmatmul(x2, rhs.reshape(rhs.shape[0], -1), recipe, key)
+    y = qmatmul(x2, rhs.reshape(rhs.shape[0], -1), recipe)
     y = y.reshape(*lhs.shape[:-1], *rhs.shape[1:])
     y = y.astype(preferred_element_type or lhs.dtype)
     if out_sharding is not None:

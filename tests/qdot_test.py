@@ -341,6 +341,25 @@ def test_make_dot_general_rejects_other_contractions():
     dg(jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5)), (((2,), (1,)), ((0,), (0,))))
 
 
+def test_out_dtype_f32_is_not_rounded_to_the_input_dtype():
+  # A quantized f32-output layer (e.g. an LM head) must not pass through
+  # bf16: its values are f32 sums, not bf16-representable in general.
+  x, w, _ = _inputs(np_ref.FP4_PAPER)
+  xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+  y = qdot.qmatmul(xb, wb, "fp4_paper", out_dtype=jnp.float32)
+  assert y.dtype == jnp.float32
+  y = np.asarray(y)
+  assert np.mean(y != y.astype(ml_dtypes.bfloat16).astype(np.float32)) > 0.5
+  dx, dw = jax.grad(lambda a, b: jnp.sum(qdot.qmatmul(
+      a, b, "fp4_paper", out_dtype=jnp.float32)), (0, 1))(xb, wb)
+  assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+
+
+def test_make_dot_general_refuses_stochastic_recipes():
+  with pytest.raises(ValueError, match="stochastic"):
+    qdot.make_dot_general("nvfp4")
+
+
 # -------------------------------------------------------------- bad input
 @pytest.mark.parametrize("xs,ws,word", [
     ((2, M, K), (K, N), r"\bx\b"), ((M, K), (K,), r"\bw\b"),
