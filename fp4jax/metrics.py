@@ -46,15 +46,30 @@ def _json_value(v: Any) -> Any:
   return v
 
 
+def _truncate_after(path: str, step: int) -> None:
+  """Rewrites a metrics.jsonl keeping records with "step" <= step."""
+  with open(path) as f:
+    keep = [line for line in f
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)   # atomic: a crash here loses nothing
+
+
 class MetricWriter:
   """Appends metric records for one run; a no-op when `enabled` is False."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True,
+               resume_step: int | None = None):
     """Opens `<workdir>/metrics.jsonl` (append) and a TensorBoard writer.
 
     Args:
       workdir: the run directory.
       enabled: False on processes other than 0, so records are written once.
+      resume_step: the checkpoint step a resumed run restarts from: records
+        after it (written before the interruption, about to be redone) are
+        dropped from metrics.jsonl and purged from TensorBoard.
     """
     self._enabled = enabled
     self._tb = None
@@ -62,6 +77,8 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, METRICS_FILE)
+    if resume_step is not None and os.path.exists(self.path):
+      _truncate_after(self.path, resume_step)
     self._file = open(self.path, "a")
     # Imported here: the package works without TensorBoard installed.
     try:
@@ -69,7 +86,9 @@ class MetricWriter:
     except ImportError:
       tensorboardX = None
     if tensorboardX is not None:
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, TB_DIR))
+      self._tb = tensorboardX.SummaryWriter(
+          os.path.join(workdir, TB_DIR),
+          purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Records `metrics` (nested dicts allowed) at `step`; returns them flat."""

@@ -232,7 +232,8 @@ def train_and_evaluate(config, workdir: str, *,
   checkpoint.write_run_info(workdir, run_info)
   ckpt = checkpoint.Checkpointer(workdir, every=config.checkpoint_every,
                                  keep=config.keep_checkpoints)
-  writer = metrics_lib.MetricWriter(workdir, enabled=pidx == 0)
+  writer = metrics_lib.MetricWriter(workdir, enabled=pidx == 0,
+                                    resume_step=ckpt.latest_step())
   try:
     return _loop(config, trainer, ckpt, writer, train_it, val_it,
                  stop_at_step)

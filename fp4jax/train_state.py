@@ -130,8 +130,11 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
     params = keep(params, state.params)
     opt_state = keep(opt_state, state.opt_state)
     skipped = skipped + (~ok).astype(jnp.int32)
+  # A skipped step keeps the optimizer state, schedule count included, so
+  # the applied learning rate follows the steps actually taken.
   metrics = {"loss": loss, "grad_norm": grad_norm,
-             "lr": jnp.asarray(schedule(state.step), jnp.float32),
+             "lr": jnp.asarray(schedule(state.step - state.skipped),
+                               jnp.float32),
              "nonfinite": (~ok).astype(jnp.int32)}
   if metrics_fn is not None:
     metrics.update(metrics_fn(params=state.params, grads=grads))

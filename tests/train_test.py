@@ -227,6 +227,7 @@ def test_resume_is_bit_identical(uninterrupted, tmp_path):
   want = {r["step"]: r["loss"] for r in _records(full_dir)}
   got = {r["step"]: r["loss"] for r in _records(tmp_path)}
   assert got == want   # steps 3, 4 saw the same batches after the restart
+  assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3, 4]
 
 
 class _NanAt:
@@ -357,3 +358,17 @@ def test_fp4_paper_sharded_matches_single_device():
       out.append(float(m["loss"]))
     losses.append(out)
   np.testing.assert_allclose(losses[1], losses[0], rtol=rtol)
+
+
+def test_metric_writer_drops_records_after_the_resume_step(tmp_path):
+  # A run logged steps 1-5 but its last checkpoint is step 3: the resumed
+  # run redoes 4 and 5, so their first records must not stay behind.
+  w = metrics.MetricWriter(str(tmp_path))
+  for step in range(1, 6):
+    w.write(step, {"loss": float(step)})
+  w.close()
+  w = metrics.MetricWriter(str(tmp_path), resume_step=3)
+  w.write(4, {"loss": 40.0})
+  w.close()
+  got = [(r["step"], r["loss"]) for r in _all_records(tmp_path)]
+  assert got == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
