@@ -8,8 +8,9 @@ The low-precision parts follow FP8-LM / MS-AMP O2 (arXiv 2310.18313), which
 the FP4 paper inherits: Adam m in FP8 E4M3 and v in FP16, each with a
 per-tensor scale, and FP8 E4M3 weight gradients.
 
-Imports only jax, optax, numpy and the standard library. Must not import
-ml_collections, tensorflow_datasets, grain or other fp4jax modules: the
+Imports jax, optax, numpy, the standard library and `fp4jax.numerics` (for
+FP8/FP16 rounding that survives XLA:GPU's excess-precision passes). Must not
+import ml_collections, tensorflow_datasets, grain or other fp4jax modules: the
 training code converts its config with `OptimConfig(**config.optim.to_dict())`.
 
 Training-loop use (the same five calls in every mode)::

@@ -240,7 +240,7 @@ def catalogue_source(name: str, split: str, data_dir: str | None,
     builder = tfds.builder(name, data_dir=data_dir or None)
   except Exception as e:  # DatasetNotFoundError, import errors, bad version
     first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    raise ValueError(f"data.tfds_name={name!r}: {first}") from None
+    raise ValueError(f"data.tfds_name={name!r}: {first}") from e
   if not builder.is_prepared():
     raise FileNotFoundError(
         f"data.tfds_name={name!r} is not prepared in {builder.data_dir} and "
@@ -262,10 +262,12 @@ def catalogue_source(name: str, split: str, data_dir: str | None,
   try:
     source = builder.as_data_source(split=tfds_split)
   except Exception as e:  # prepared as tfrecord: no random access
+    cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
     raise ValueError(
         f"data.tfds_name={name!r} in {builder.data_dir} cannot be read "
-        f"without TensorFlow ({type(e).__name__}); rebuild it with "
-        f"--file_format=array_record") from None
+        f"without TensorFlow ({type(e).__name__}: {cause}); if it was "
+        f"prepared as tfrecord, rebuild it with --file_format=array_record"
+    ) from e
   cache = "".join(c if c.isalnum() else "_"
                   for c in f"{builder.name}_{builder.info.full_name}")
   return source, cache

@@ -62,7 +62,7 @@ class Tokenizer:
       self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     except Exception as e:  # protobuf DecodeError, RuntimeError
       raise ValueError(f"{where}: not a SentencePiece model "
-                       f"({type(e).__name__})") from None
+                       f"({type(e).__name__})") from e
     self.vocab_size = self._sp.vocab_size()
     self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
     if self.bos_id < 0 or self.eos_id < 0:
