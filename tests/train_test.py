@@ -372,3 +372,13 @@ def test_metric_writer_drops_records_after_the_resume_step(tmp_path):
   w.close()
   got = [(r["step"], r["loss"]) for r in _all_records(tmp_path)]
   assert got == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+def test_synthetic_state_rejects_other_settings():
+  it = synthetic.SyntheticInput(vocab_size=16, seq_len=8, global_batch=4,
+                                seed=0)
+  next(it)
+  other = synthetic.SyntheticInput(vocab_size=16, seq_len=8, global_batch=8,
+                                   seed=0)
+  with pytest.raises(ValueError, match="global_batch 4 -> 8"):
+    other.set_state(it.get_state())

@@ -39,7 +39,6 @@ fp4jax modules outside fp4jax.data.
 
 import collections
 import functools
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -51,6 +50,7 @@ import numpy as np
 
 from fp4jax.data import builders
 from fp4jax.data import documents
+from fp4jax.data import resume
 from fp4jax.data import stdlib_corpus
 from fp4jax.data import tokenizer as tokenizer_lib
 
@@ -232,14 +232,7 @@ class PackedInput:
         state.get("version") != STATE_VERSION):
       raise ValueError(f"not a packed-text data state (version "
                        f"{STATE_VERSION}): keys {sorted(state or {})}")
-    saved = json.loads(json.dumps(state.get("identity")))
-    now = json.loads(json.dumps(self._identity))
-    if saved != now:
-      diff = sorted(k for k in set(saved or {}) | set(now)
-                    if (saved or {}).get(k) != now.get(k))
-      raise ValueError(
-          "data state was saved for other data/settings: " + ", ".join(
-              f"{k} {(saved or {}).get(k)!r} -> {now.get(k)!r}" for k in diff))
+    resume.check_identity(state.get("identity"), self._identity)
     lanes = state.get("lanes")
     if (not isinstance(lanes, list) or len(lanes) != self._batch or
         any(len(l) != 2 or min(l) < 0 for l in lanes)):

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from fp4jax.data import resume
+
 # The table is part of the task's definition, not of a run: it stays the same
 # across seeds, splits and processes so train and val share one "language".
 _TABLE_SEED = 20250117
@@ -90,6 +92,12 @@ class SyntheticInput:
     self._segment_ids = segment_ids
     self._succ, self._cdf = markov_table(vocab_size)
     self._position = 0
+    # What a saved position is only valid for (checked on set_state).
+    self._identity = {"vocab_size": vocab_size, "seq_len": seq_len,
+                      "global_batch": global_batch, "seed": seed,
+                      "split": split, "segment_ids": segment_ids,
+                      "process_index": process_index,
+                      "process_count": process_count}
 
   def __iter__(self):
     return self
@@ -134,12 +142,14 @@ class SyntheticInput:
 
   def get_state(self) -> dict[str, Any]:
     """JSON-able position of the iterator."""
-    return {"source": "synthetic", "position": self._position}
+    return {"source": "synthetic", "position": self._position,
+            "identity": dict(self._identity)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Moves to a position returned by `get_state`."""
     if state.get("source") != "synthetic" or "position" not in state:
       raise ValueError(f"not a synthetic data state: {state!r}")
+    resume.check_identity(state.get("identity"), self._identity)
     self._position = int(state["position"])
 
 
