@@ -34,7 +34,6 @@ from fp4jax import qdot
 RESULTS: dict = {}
 OUT_DIR = None
 DEADLINE = [float("inf")]   # wall-clock time after which timings are skipped
-H200_BF16_PEAK = 989e12   # dense bf16 FLOP/s, datasheet (SXM)
 
 
 def _median_time(fn, *args, iters=10, warmup=2):
@@ -197,7 +196,8 @@ def train_step_speed(runs=TRAIN_RUNS, seq=2048, iters=5, moments="paper"):
     out[name] = {
         "step_ms": t * 1e3, "ratio_to_bf16": t / base[size] if size in base
         else None, "tokens_per_s": toks, "batch": batch, "seq": seq,
-        "mfu": toks * flops.flops_per_token(cfg, seq) / H200_BF16_PEAK,
+        "mfu": flops.mfu(toks, flops.flops_per_token(cfg, seq),
+                         jax.device_count(), jax.devices()[0].device_kind),
         "compile_s": tr.compile_seconds, "loss": loss,
         "attention": attention, "params": n_params}
     print(f"   {name}: {t*1e3:.1f} ms/step, compile {tr.compile_seconds:.0f}"
