@@ -1,4 +1,4 @@
-r"""CPU demo: a 4.5M-parameter LLaMA trained with the paper's FP4 recipe.
+r"""CPU demo: the demo LLaMA (2.9M params at vocab 1024) in fp4_paper.
 
   python -m fp4jax.main --config=configs/demo.py --workdir=runs/demo
   python -m fp4jax.main --config=configs/demo.py:recipe=bf16 \

@@ -248,7 +248,8 @@ Rule = tuple[str, "Recipe | None"]
 
 # RECIPE §5: the four block projections are quantized (QKV, attention out,
 # MLP gate/up, MLP down); embeddings, attention scores and LM head are not.
-PROJECTION_PATTERN = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+PROJECTION_PATTERN = (r".*\.(q_proj|k_proj|v_proj|o_proj|"
+                      r"gate_proj|up_proj|down_proj)")
 
 
 def default_rules(recipe: Recipe | str | None) -> tuple[Rule, ...]:
