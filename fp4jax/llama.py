@@ -15,6 +15,7 @@ modules to the right of this one (optim, data, checkpoint, train, main).
 """
 
 import dataclasses
+import functools
 import math
 import zlib
 from collections.abc import Sequence
@@ -212,19 +213,28 @@ def apply_rope(x_bthk: jax.Array, positions_bt: jax.Array,
   return out.astype(x_bthk.dtype)
 
 
+def _out_std(cfg: LlamaConfig) -> float:
+  # Residual-branch outputs (o_proj, down_proj) start smaller so the
+  # residual stream's variance does not grow with depth.
+  return INIT_STD / math.sqrt(2 * cfg.n_layers)
+
+
+def _projection(cfg, prefix, table, rngs, name, d_in, d_out, names,
+                std=INIT_STD) -> "QDense":
+  """The QDense at `<prefix>.<name>` with its recipe from the rule table."""
+  path = f"{prefix}.{name}"
+  return QDense(d_in, d_out, path=path, recipe=table[path], names=names,
+                std=std, cfg=cfg, rngs=rngs)
+
+
 class Attention(nnx.Module):
   """Causal grouped-query self-attention with RoPE."""
 
   def __init__(self, cfg: LlamaConfig, prefix: str, table: dict,
                rngs: nnx.Rngs):
     d, kd = cfg.d_model, cfg.head_dim
-    out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
-
-    def proj(name, d_in, d_out, names, std=INIT_STD):
-      path = f"{prefix}.{name}"
-      return QDense(d_in, d_out, path=path, recipe=table[path], names=names,
-                    std=std, cfg=cfg, rngs=rngs)
-
+    out_std = _out_std(cfg)
+    proj = functools.partial(_projection, cfg, prefix, table, rngs)
     self.q_proj = proj("q_proj", d, cfg.n_heads * kd, ("embed", "heads"))
     self.k_proj = proj("k_proj", d, cfg.n_kv_heads * kd, ("embed", "heads"))
     self.v_proj = proj("v_proj", d, cfg.n_kv_heads * kd, ("embed", "heads"))
@@ -267,13 +277,8 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, prefix: str, table: dict,
                rngs: nnx.Rngs):
-    out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
-
-    def proj(name, d_in, d_out, names, std=INIT_STD):
-      path = f"{prefix}.{name}"
-      return QDense(d_in, d_out, path=path, recipe=table[path], names=names,
-                    std=std, cfg=cfg, rngs=rngs)
-
+    out_std = _out_std(cfg)
+    proj = functools.partial(_projection, cfg, prefix, table, rngs)
     self.gate_proj = proj("gate_proj", cfg.d_model, cfg.d_ff,
                           ("embed", "mlp"))
     self.up_proj = proj("up_proj", cfg.d_model, cfg.d_ff, ("embed", "mlp"))
