@@ -256,12 +256,16 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES
   def one(leaf):
     names = param_names(leaf)
     value = leaf.get_value() if _is_var(leaf) else leaf
-    # Leaves derived from a parameter (an optimizer's per-tensor scale) may
-    # carry its names but not its rank: those are replicated.
-    if names and len(names) == len(getattr(value, "shape", ())):
+    ndim = len(getattr(value, "shape", ()))
+    if names and len(names) == ndim:
       spec = logical_to_spec(names, rules)
-    else:
+    elif not names or ndim == 0:
+      # Scalars mapped from a parameter (an optimizer's per-tensor scale)
+      # inherit its names with its Variable; they are replicated.
       spec = PartitionSpec()
+    else:
+      raise ValueError(f"logical names {names} do not match an array of "
+                       f"shape {tuple(value.shape)}")
     if _is_var(leaf):
       return leaf.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, spec)
