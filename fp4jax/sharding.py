@@ -278,13 +278,17 @@ def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> NamedSharding:
 
 
 def check_divisible(abstract_params: Any, mesh: Mesh,
-                    rules: Rules = LOGICAL_RULES) -> None:
+                    rules: Rules = LOGICAL_RULES,
+                    blocks: dict[str, dict[int, int]] | None = None) -> None:
   """Checks every sharded parameter dim divides by its mesh axes' size.
 
   Args:
     abstract_params: an `nnx.State` of (abstract or concrete) Variables.
     mesh: the device mesh.
     rules: logical -> mesh axis rules.
+    blocks: {param path: {dim: block}} for block-scaled quantization: each
+      shard of that dim must hold whole blocks, so that a scale block never
+      straddles devices (scales then shard like their values).
 
   Raises:
     ValueError: naming the parameter path and dim that does not divide.
@@ -308,3 +312,10 @@ def check_divisible(abstract_params: Any, mesh: Mesh,
             f"param {_path_str(path)} dim {dim} ({names[dim]!r}, size "
             f"{shape[dim]}) is not divisible by mesh axes {axes} "
             f"(size {size})")
+      block = (blocks or {}).get(_path_str(path), {}).get(dim, 0)
+      if block and (shape[dim] // size) % block:
+        raise ValueError(
+            f"param {_path_str(path)} dim {dim}: quantization blocks of "
+            f"{block} straddle the {size} shards of mesh axes {axes} "
+            f"({shape[dim] // size} elements each); change mesh.* or the "
+            f"recipe's block")

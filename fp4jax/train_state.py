@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fp4jax import llama
 from fp4jax import optim
+from fp4jax import qconfig
 from fp4jax import sharding
 
 # Salt folded into the run key for evaluation, far from any step number.
@@ -196,6 +197,28 @@ class Trainer:
             for k in BATCH_KEYS}
 
 
+def _weight_blocks(model_cfg: llama.LlamaConfig,
+                   quant_rules: Sequence[tuple[str, Any]] | None
+                   ) -> dict[str, dict[int, int]]:
+  """{kernel path: {dim: block}} of the block-scaled weight operands.
+
+  The forward scales w [K, N] along its `axis`; hardware-faithful recipes
+  re-scale it along N for dgrad too.
+  """
+  if not quant_rules:
+    return {}
+  out = {}
+  table = qconfig.resolve_rules(llama.projection_paths(model_cfg), quant_rules)
+  for path, r in table.items():
+    if r is None or r.w is None or not r.w.block:
+      continue
+    dims = {r.w.axis % 2: r.w.block}
+    if r.hw_faithful:
+      dims[1] = r.w.block
+    out[f"{path}.kernel"] = dims
+  return out
+
+
 def make_trainer(model_cfg: llama.LlamaConfig,
                  quant_rules: Sequence[tuple[str, Any]] | None,
                  optim_cfg: Any, *, num_steps: int, mesh: jax.sharding.Mesh,
@@ -260,7 +283,8 @@ def make_trainer(model_cfg: llama.LlamaConfig,
   if jax.tree.leaves(rest):
     raise NotImplementedError("model state other than nnx.Param is not "
                               f"supported: {rest}")
-  sharding.check_divisible(abstract_params, mesh, logical_rules)
+  sharding.check_divisible(abstract_params, mesh, logical_rules,
+                           blocks=_weight_blocks(model_cfg, quant_rules))
   abstract = jax.eval_shape(init)
   replicated = NamedSharding(mesh, PartitionSpec())
   state_sh = sharding.state_shardings(abstract, mesh, logical_rules)

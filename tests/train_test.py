@@ -16,9 +16,12 @@ import pytest
 from configs import demo
 from fp4jax import data
 from fp4jax import flops
+from fp4jax import llama
 from fp4jax import metrics
 from fp4jax import optim
+from fp4jax import qconfig
 from fp4jax import sharding
+from fp4jax import sizes
 from fp4jax import train
 from fp4jax import train_state
 from fp4jax.data import synthetic
@@ -382,3 +385,16 @@ def test_synthetic_state_rejects_other_settings():
                                    seed=0)
   with pytest.raises(ValueError, match="global_batch 4 -> 8"):
     other.set_state(it.get_state())
+
+
+def test_block_scales_must_not_straddle_shards():
+  # tiny: q/k/v kernels [64, .] with "embed" (dim 0) on fsdp. fsdp=4 leaves
+  # 16 rows per shard, less than one MXFP4 block of 32 along K.
+  cfg = llama.LlamaConfig(**sizes.SIZES["tiny"])
+  rules = qconfig.default_rules("mxfp4")
+  with pytest.raises(ValueError, match=r"_proj.kernel dim 0: quantization "
+                     r"blocks of 32 straddle the 4 shards"):
+    train_state.make_trainer(
+        cfg, rules, optim.OptimConfig(), num_steps=2,
+        mesh=sharding.make_mesh(data=2, fsdp=4), global_batch=8,
+        seq_len=16, seed=0)
