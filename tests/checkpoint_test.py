@@ -25,6 +25,7 @@ from fp4jax import optim
 from fp4jax import sharding
 from fp4jax import train
 from fp4jax import train_state
+import harness
 
 OPTIM = optim.OptimConfig(moments="paper")   # e4m3 / f16 leaves round-trip
 
@@ -64,12 +65,7 @@ def _state(mesh):
   return state, target
 
 
-def _host(tree):
-  def one(x):
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-      x = jax.random.key_data(x)
-    return np.asarray(jax.device_get(x))
-  return jax.tree.map(one, tree)
+_host = harness.host_tree
 
 
 @pytest.fixture(scope="module")

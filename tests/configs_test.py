@@ -19,6 +19,7 @@ from configs import default
 from fp4jax import llama
 from fp4jax import optim
 from fp4jax import train
+import harness
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(f"configs.{p.stem}" for p in (ROOT / "configs").glob("*.py")
@@ -88,14 +89,7 @@ def test_demo_variants():
 
 def _bad(**updates):
   from configs import demo  # pylint: disable=g-import-not-at-top
-  c = demo.get_config("smoke,recipe=bf16")
-  for key, value in updates.items():
-    *parents, leaf = key.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return harness.set_keys(demo.get_config("smoke,recipe=bf16"), updates)
 
 
 @pytest.mark.parametrize("updates,match", [

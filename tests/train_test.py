@@ -9,7 +9,6 @@ import json
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -25,6 +24,7 @@ from fp4jax import sizes
 from fp4jax import train
 from fp4jax import train_state
 from fp4jax.data import synthetic
+import harness
 
 # Sharded vs single-device losses, f32 compute: the programs differ only in
 # the order of the cross-device sums (psum of partial matmuls / means);
@@ -51,13 +51,7 @@ def _config(**updates):
   c.optim.warmup_frac = 0.0
   c.data.global_batch = 8
   c.data.seq_len = 16
-  for key, value in updates.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return harness.set_keys(c, updates)
 
 
 def _trainer(cfg, mesh):
@@ -86,12 +80,7 @@ def _batches(cfg, n):
   return [next(it) for _ in range(n)]
 
 
-def _host(tree):
-  def one(x):
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-      x = jax.random.key_data(x)
-    return np.asarray(jax.device_get(x))
-  return jax.tree.map(one, tree)
+_host = harness.host_tree
 
 
 # ------------------------------------------------------------ step functions
