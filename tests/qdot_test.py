@@ -184,28 +184,25 @@ def test_oracle_choices_are_distinguishable(alt):
 
 
 # ---------------------------------------------------------- plain recipes
+def _assert_plain(outs, x, w, g, rtol):
+  """y, dx, dw of an unquantized matmul vs float64, bounded per element."""
+  y, dx, dw = outs
+  x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
+  _assert_within(y, x64 @ w64, np.abs(x64) @ np.abs(w64), rtol, "y")
+  _assert_within(dx, g64 @ w64.T, np.abs(g64) @ np.abs(w64.T), rtol, "dx")
+  _assert_within(dw, x64.T @ g64, np.abs(x64.T) @ np.abs(g64), rtol, "dw")
+
+
 @pytest.mark.parametrize("recipe", ["bf16", None])
 def test_plain_f32(recipe):
   x, w, g = _inputs(np_ref.MatmulSpec(x_fmt=None, w_fmt=None, g_fmt=None,
                                       occ_alpha=None))
-  y, dx, dw = _run(recipe, x, w, g)
-  x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
-  _assert_within(y, x64 @ w64, np.abs(x64) @ np.abs(w64), GEMM_RTOL, "y")
-  _assert_within(dx, g64 @ w64.T, np.abs(g64) @ np.abs(w64.T), GEMM_RTOL,
-                 "dx")
-  _assert_within(dw, x64.T @ g64, np.abs(x64.T) @ np.abs(g64), GEMM_RTOL,
-                 "dw")
+  _assert_plain(_run(recipe, x, w, g), x, w, g, GEMM_RTOL)
 
 
 def test_bf16_recipe_on_bf16_inputs():
   x, w, g = (a.astype(ml_dtypes.bfloat16) for a in _inputs(np_ref.FP4_PAPER))
-  y, dx, dw = _run("bf16", x, w, g)
-  x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
-  _assert_within(y, x64 @ w64, np.abs(x64) @ np.abs(w64), BF16_RTOL, "y")
-  _assert_within(dx, g64 @ w64.T, np.abs(g64) @ np.abs(w64.T), BF16_RTOL,
-                 "dx")
-  _assert_within(dw, x64.T @ g64, np.abs(x64.T) @ np.abs(g64), BF16_RTOL,
-                 "dw")
+  _assert_plain(_run("bf16", x, w, g), x, w, g, BF16_RTOL)
 
 
 # ------------------------------------------ every named recipe quantizes
