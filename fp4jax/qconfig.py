@@ -84,9 +84,11 @@ class Recipe:
     dge_cap: cap of the DGE derivative.
     occ_alpha: OCC quantile in (0.5, 1); None = no clamping.
     occ_axis: -1 = per token (row) order statistics, None = tensor-wise.
-    compensation: "none" (released code), "dense" (research code: add the
-      residual back before the GEMM) or "sparse" (paper: separate high
-      precision GEMM residual @ w).
+    compensation: what happens to the clamped-off residual R = X - Xc:
+      "none" (released code: dropped), "dense" (research code: added back
+      before the GEMM, Y = (Q(Xc) + R) Q(W)) or "sparse" (paper: a separate
+      high-precision GEMM, Y = Q(Xc) Q(W) + R W). Required (no default)
+      whenever occ_alpha is set; ignored without OCC.
     hw_faithful: re-quantize x and w along the backward GEMMs' own
       contraction axes (as hardware must) instead of reusing the forward's
       quantized operands (exact only in simulation).
@@ -103,7 +105,7 @@ class Recipe:
   dge_cap: float = 3.0
   occ_alpha: float | None = None
   occ_axis: int | None = -1
-  compensation: str = "none"
+  compensation: str | None = None
   hw_faithful: bool = False
   impl: str = "auto"
 
@@ -119,7 +121,13 @@ class Recipe:
     if self.occ_axis not in (None, -1, 1):
       raise ValueError(f"occ_axis must be -1 (per token) or None, got "
                        f"{self.occ_axis!r}")
-    if self.compensation not in COMPENSATIONS:
+    if self.occ_alpha is not None and self.compensation is None:
+      raise ValueError(f"recipe {self.name!r} sets occ_alpha="
+                       f"{self.occ_alpha} but no compensation; name one of "
+                       f"{COMPENSATIONS} (it changes the forward and both "
+                       "gradients)")
+    if (self.compensation is not None
+        and self.compensation not in COMPENSATIONS):
       raise ValueError(f"unknown compensation {self.compensation!r}; "
                        f"expected one of {COMPENSATIONS}")
     if self.impl not in IMPLS:
@@ -134,6 +142,11 @@ class Recipe:
     return any(o is not None for o in
                (self.x, self.w, self.g_dgrad, self.g_wgrad)) or (
                    self.dge_k is not None or self.occ_alpha is not None)
+
+  @property
+  def effective_compensation(self) -> str:
+    """The compensation in force: "none" whenever OCC is off."""
+    return "none" if self.occ_alpha is None else self.compensation
 
   @property
   def needs_key(self) -> bool:

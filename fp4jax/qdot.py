@@ -94,7 +94,8 @@ def _fwd_core(x, w, r: Recipe, key):
   x_deq = qx.dequantize() if qx is not None else xc
   w_deq = qw.dequantize() if qw is not None else w32
 
-  if r.compensation == "dense" and resid is not None:
+  comp = r.effective_compensation
+  if comp == "dense":
     # Research code: residual added back densely before the GEMM.
     x_eff = x_deq + resid
     y = _dot(x_eff, w_deq, _NN, impl.deq_dtype)
@@ -110,19 +111,19 @@ def _fwd_core(x, w, r: Recipe, key):
     else:
       y = _dot(x_deq, w_deq, _NN, impl.deq_dtype)
     x_eff = x_deq
-    if r.compensation == "sparse" and resid is not None:
+    if comp == "sparse":
       # Paper: the sparse residual goes through a separate high precision
       # GEMM with the unquantized weight (dense math, separate GEMM).
       y = y + _dot(resid, w32, _NN, impl.deq_dtype)
-      x_eff = x_deq + resid
   # Save only what this recipe's backward reads, in the operands' dtypes
   # (bf16 in a bf16 model); w itself is a parameter, live anyway.
   reuse = not r.hw_faithful
+  keep_resid = comp == "sparse" or (comp == "dense" and not reuse)
   res = (x_eff.astype(x.dtype) if reuse else None,
          w_deq.astype(w.dtype) if reuse else None, w,
          qw.scale if _uses_dge(r) else None,
          None if reuse else xc.astype(x.dtype),
-         resid if (not reuse and r.compensation != "none") else None,
+         resid if keep_resid else None,
          kb)
   return y, res
 
@@ -141,8 +142,20 @@ def _requant(v32, q: TensorQuant | None, axis: int, key):
 
 
 def _bwd_core(r: Recipe, res, g):
+  """dgrad and wgrad: the derivative of the forward with STE through every
+  rounding and DGE on the quantized weight.
+
+  For compensation "sparse", Y = Q(Xc) Q(W) + R W with R = X - Xc, so
+    dW = (Q(Xc)^T Gq) * f'(W sw) + R^T Gq   (the residual GEMM's weight is
+                                            unquantized: no DGE factor)
+    dX = Gq Q(W)^T where X was kept, Gq W^T where it was clamped (there the
+         clamp's derivative is 0 and the residual's is 1).
+  "dense" (Y = (Q(Xc) + R) Q(W)) and "none" (Y = Q(Xc) Q(W)) take every
+  gradient through Q(W), with STE through the clamp.
+  """
   x_eff, w_deq, w, sw, xc, resid, key = res
   impl = _impl(r)
+  comp = r.effective_compensation
   k_gd, k_gw, k_x, k_w = _keys(key, 4)
   g32 = g.astype(jnp.float32)
   if r.hw_faithful:
@@ -150,7 +163,7 @@ def _bwd_core(r: Recipe, res, g):
     # M: x along M.
     w_d = _requant(w.astype(jnp.float32), r.w, 1, k_w)
     x_w = _requant(xc.astype(jnp.float32), r.x, 0, k_x)
-    if resid is not None:
+    if comp == "dense":
       x_w = x_w + resid
   else:
     w_d, x_w = w_deq, x_eff        # the forward's quantized operands
@@ -168,6 +181,11 @@ def _bwd_core(r: Recipe, res, g):
     # DGE: d(dequantized W)/dW evaluated on the scaled weight (RECIPE §3).
     dw = dw * quant.dge_derivative(w.astype(jnp.float32) * sw, r.dge_k,
                                    r.dge_cap, r.w.fmt)
+  if comp == "sparse":
+    r32 = resid.astype(jnp.float32)
+    dw = dw + _dot(r32, gq_w, _TN, impl.deq_dtype)
+    dx_raw = _dot(gq_d, w.astype(jnp.float32), _NT, impl.deq_dtype)
+    dx = jnp.where(r32 != 0, dx_raw, dx)
   return dx, dw
 
 

@@ -364,18 +364,29 @@ def qmatmul(x, w, g, spec: MatmulSpec):
     ymag = np.abs(xeff) @ np.abs(wq)
   elif spec.compensation == "sparse":
     # The residual product runs in high precision against the raw weight.
-    xeff = xq + dres
+    xeff = xq
     y = xq @ wq + dres @ w
     ymag = np.abs(xq) @ np.abs(wq) + np.abs(dres) @ np.abs(w)
   else:
     raise ValueError(f"unknown compensation {spec.compensation!r}")
   gq = grad_operand(g, spec)
   dx = gq @ wq.T
+  dxmag = np.abs(gq) @ np.abs(wq.T)
   dw = xeff.T @ gq
   dwmag = np.abs(xeff.T) @ np.abs(gq)
   if spec.dge_k is not None and ws is not None:
     dge = dge_derivative(ws, spec.dge_k, spec.dge_cap, spec.w_fmt)
     dw = dw * dge
     dwmag = dwmag * dge
-  mags = {"y": ymag, "dx": np.abs(gq) @ np.abs(wq.T), "dw": dwmag}
+  if spec.compensation == "sparse":
+    # d/dX of Q(Xc) Q(W) + (X - Xc) W with STE through Q: where X was
+    # clamped, Xc does not move with X and the residual moves one-for-one,
+    # so the gradient reaches X through the raw W; the residual GEMM's
+    # weight gradient carries no DGE factor (its W is not quantized).
+    clamped = dres != 0
+    dx = np.where(clamped, gq @ w.T, dx)
+    dxmag = np.where(clamped, np.abs(gq) @ np.abs(w.T), dxmag)
+    dw = dw + dres.T @ gq
+    dwmag = dwmag + np.abs(dres.T) @ np.abs(gq)
+  mags = {"y": ymag, "dx": dxmag, "dw": dwmag}
   return y, dx, dw, mags

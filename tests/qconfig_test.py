@@ -94,6 +94,8 @@ def test_operand_shortcuts():
     ("fp4_paper", {"x__rounding": "nearest"}, "rounding"),
     ("fp4_paper", {"x__fmt": "e9m9"}, "fmt|e9m9"),
     ("no_such_recipe", {}, "no_such_recipe"),
+    # OCC without a named compensation is ambiguous: refused, not "none".
+    ("w4a4_direct", {"occ_alpha": 0.99}, "compensation"),
 ])
 def test_bad_recipe_raises(name, overrides, word):
   with pytest.raises(ValueError, match=word):
