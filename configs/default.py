@@ -55,7 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.clip_norm = 1.0     # global gradient-norm clip
   c.optim.moments = "fp32"    # Adam m, v storage: fp32 | paper | bf16
   c.optim.master = "fp32"     # master weights: fp32 | bf16 | fp16
-  c.optim.grad_fp8 = False    # round weight gradients to FP8 E4M3
+  c.optim.grad_fp8 = False    # quantized projections' grads to FP8 E4M3
+  c.optim.proj_lr_scale = 1.0  # LR factor of the block projection kernels
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1            # data-parallel size; -1 = devices left over

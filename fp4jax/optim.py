@@ -26,6 +26,7 @@ Training-loop use (the same five calls in every mode)::
 import dataclasses
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -83,7 +84,11 @@ class OptimConfig:
     master: "fp32" | "bf16" | "fp16": storage of the weight matrices; the
       2-byte modes are the low-memory mode (see `cast_master`).
     grad_fp8: round weight gradients to FP8 E4M3 with a per-tensor scale
-      before the optimizer (FP8-LM's FP8 gradients).
+      before the optimizer (FP8-LM's FP8 gradients); in a training run, the
+      quantized projections' kernels only.
+    proj_lr_scale: multiplies the learning rate (and so the decay step) of
+      the block projections' kernels (q/k/v/o, gate/up/down); an
+      experiment knob for per-group step sizes, applied by the train step.
   """
   lr: float = 3e-4
   warmup_frac: float = 0.05
@@ -96,6 +101,7 @@ class OptimConfig:
   moments: str = "fp32"
   master: str = "fp32"
   grad_fp8: bool = False
+  proj_lr_scale: float = 1.0
 
   def __post_init__(self):
     # (key, predicate, requirement) checked in order; first failure raises.
@@ -108,6 +114,7 @@ class OptimConfig:
         ("eps", lambda v: v > 0 and math.isfinite(v), "> 0 and finite"),
         ("weight_decay", lambda v: 0 <= v < math.inf, ">= 0 and finite"),
         ("clip_norm", lambda v: v > 0, "> 0"),
+        ("proj_lr_scale", lambda v: 0 < v < math.inf, "> 0 and finite"),
     )
     for key, ok, need in checks:
       v = getattr(self, key)
@@ -303,12 +310,19 @@ def _grads_to_f32() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-def round_grads_to_fp8() -> optax.GradientTransformation:
-  """Rounds each gradient tensor to FP8 E4M3 with a per-tensor scale.
+def round_grads_to_fp8(mask: Callable[[Any], Any] | None = None
+                       ) -> optax.GradientTransformation:
+  """Rounds gradient tensors to FP8 E4M3 with a per-tensor scale.
 
   Simulates FP8-LM's FP8 weight gradients: g -> Q(g * s) / s with s a power
   of two putting amax(g) in [224, 448]. Non-finite entries pass through so
-  divergence stays visible. Returns f32 updates (exactly FP8 values / s).
+  divergence stays visible. Returns f32 updates (exactly FP8 values / s
+  where rounded).
+
+  Args:
+    mask: updates -> same-structure tree of Python bools: which leaves are
+      rounded (the paper: the quantized projections' kernels; norms, the
+      embedding and the LM head stay high precision). None = every leaf.
   """
   def one(g):
     g = g.astype(_F32)
@@ -320,7 +334,10 @@ def round_grads_to_fp8() -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree.map(one, updates), state
+    chosen = (mask(updates) if mask is not None
+              else jax.tree.map(lambda _: True, updates))
+    return jax.tree.map(lambda g, m: one(g) if m else g.astype(_F32),
+                        updates, chosen), state
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
@@ -340,7 +357,8 @@ def decay_mask(params: optax.Params) -> Any:
   return jax.tree.map(_is_matrix, params)
 
 
-def make_optimizer(cfg: OptimConfig, num_steps: int
+def make_optimizer(cfg: OptimConfig, num_steps: int,
+                   fp8_grad_mask: Callable[[Any], Any] | None = None
                    ) -> optax.GradientTransformation:
   """The AdamW of `cfg` as one optax.chain.
 
@@ -348,13 +366,15 @@ def make_optimizer(cfg: OptimConfig, num_steps: int
   clip_by_global_norm -> scale_by_adam_mp -> add_decayed_weights (matrices
   only, `decay_mask`) -> scale_by_learning_rate(make_schedule). The state
   has the same structure for every cfg, so checkpoints restore across modes.
+  `fp8_grad_mask` picks the leaves cfg.grad_fp8 rounds (see
+  `round_grads_to_fp8`; None = all).
 
   Raises:
     ValueError: the schedule does not fit num_steps.
   """
   schedule = make_schedule(cfg, num_steps)
   return optax.chain(
-      round_grads_to_fp8() if cfg.grad_fp8 else _grads_to_f32(),
+      round_grads_to_fp8(fp8_grad_mask) if cfg.grad_fp8 else _grads_to_f32(),
       optax.clip_by_global_norm(cfg.clip_norm),
       scale_by_adam_mp(cfg.b1, cfg.b2, cfg.eps, mu_dtype=cfg.mu_dtype,
                        nu_dtype=cfg.nu_dtype),

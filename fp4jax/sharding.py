@@ -205,7 +205,8 @@ def _is_var(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def _path_str(path: Sequence[Any]) -> str:
+def path_str(path: Sequence[Any]) -> str:
+  """A key path of a params tree as "layers.0.attn.q_proj.kernel"."""
   parts = []
   for k in path:
     for attr in ("key", "name", "idx"):
@@ -233,7 +234,7 @@ def flat_specs(state: Any, rules: Rules = LOGICAL_RULES
   out = {}
   for path, leaf in leaves:
     names = param_names(leaf)
-    out[_path_str(path)] = (logical_to_spec(names, rules) if names
+    out[path_str(path)] = (logical_to_spec(names, rules) if names
                             else PartitionSpec())
   return out
 
@@ -301,7 +302,7 @@ def check_divisible(abstract_params: Any, mesh: Mesh,
       continue
     shape = tuple(leaf.shape)
     if len(names) != len(shape):
-      raise ValueError(f"param {_path_str(path)}: names {names} do not match "
+      raise ValueError(f"param {path_str(path)}: names {names} do not match "
                        f"shape {shape}")
     spec = logical_to_spec(names, rules)
     for dim, axes in enumerate(spec):
@@ -309,13 +310,13 @@ def check_divisible(abstract_params: Any, mesh: Mesh,
       size = math.prod(mesh.shape[a] for a in axes)
       if shape[dim] % size:
         raise ValueError(
-            f"param {_path_str(path)} dim {dim} ({names[dim]!r}, size "
+            f"param {path_str(path)} dim {dim} ({names[dim]!r}, size "
             f"{shape[dim]}) is not divisible by mesh axes {axes} "
             f"(size {size})")
-      block = (blocks or {}).get(_path_str(path), {}).get(dim, 0)
+      block = (blocks or {}).get(path_str(path), {}).get(dim, 0)
       if block and (shape[dim] // size) % block:
         raise ValueError(
-            f"param {_path_str(path)} dim {dim}: quantization blocks of "
+            f"param {path_str(path)} dim {dim}: quantization blocks of "
             f"{block} straddle the {size} shards of mesh axes {axes} "
             f"({shape[dim] // size} elements each); change mesh.* or the "
             f"recipe's block")

@@ -14,6 +14,7 @@ fp4jax.checkpoint, fp4jax.train, fp4jax.main.
 
 import dataclasses
 import functools
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -90,7 +91,8 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
                tx: optax.GradientTransformation, optim_cfg: Any,
                schedule: Callable[[jax.Array], jax.Array],
                skip_nonfinite: bool = False, segment_ids: bool = False,
-               metrics_fn: Callable[..., Mapping[str, Any]] | None = None
+               metrics_fn: Callable[..., Mapping[str, Any]] | None = None,
+               proj_mask: Callable[[Any], Any] | None = None
                ) -> tuple[TrainState, dict[str, Any]]:
   """One optimizer step on a global batch.
 
@@ -107,6 +109,7 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
     segment_ids: pass batch["segment_ids"] to the model (packed documents).
     metrics_fn: optional (params=, grads=) -> nested dict of scalars merged
       into the metrics (per-layer telemetry).
+    proj_mask: `projection_mask`, for optim_cfg.proj_lr_scale.
 
   Returns:
     The new state and {"loss", "grad_norm", "lr", "nonfinite", ...} as f32 /
@@ -120,6 +123,7 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
       model_key, segment_ids)
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  updates = _scale_projection_updates(updates, optim_cfg, proj_mask)
   # The key makes low-memory (2-byte) master weights round stochastically,
   # so updates below half an ulp still count in expectation.
   params = optim.apply_updates(state.params, updates, optim_cfg, round_key)
@@ -219,6 +223,44 @@ def _weight_blocks(model_cfg: llama.LlamaConfig,
   return out
 
 
+def kernel_mask(kernels: frozenset[str]) -> Callable[[Any], Any]:
+  """params-shaped tree -> Python bools: True on the leaves whose dotted
+  path ("layers.0.attn.q_proj.kernel") is in `kernels`."""
+  def mask(tree):
+    # Leaves of an nnx.State sit under each Variable's ".value".
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: sharding.path_str(path).removesuffix(".value")
+        in kernels, tree)
+  return mask
+
+
+def fp8_grad_mask(model_cfg: llama.LlamaConfig,
+                  quant_rules: Sequence[tuple[str, Any]] | None
+                  ) -> Callable[[Any], Any]:
+  """True on the kernels of quantized projections: the weight gradients
+  the paper keeps in FP8 (RECIPE §6)."""
+  table = (qconfig.resolve_rules(llama.projection_paths(model_cfg),
+                                 quant_rules) if quant_rules else {})
+  return kernel_mask(frozenset(f"{p}.kernel" for p, r in table.items()
+                               if r is not None and r.quantizes))
+
+
+def projection_mask(model_cfg: llama.LlamaConfig) -> Callable[[Any], Any]:
+  """True on the block projections' kernels (RECIPE §5), quantized or not."""
+  rx = re.compile(qconfig.PROJECTION_PATTERN)
+  return kernel_mask(frozenset(f"{p}.kernel" for p in
+                               llama.projection_paths(model_cfg)
+                               if rx.fullmatch(p)))
+
+
+def _scale_projection_updates(updates, optim_cfg, proj_mask):
+  if proj_mask is None or optim_cfg.proj_lr_scale == 1.0:
+    return updates
+  return jax.tree.map(
+      lambda u, m: u * optim_cfg.proj_lr_scale if m else u, updates,
+      proj_mask(updates))
+
+
 def make_trainer(model_cfg: llama.LlamaConfig,
                  quant_rules: Sequence[tuple[str, Any]] | None,
                  optim_cfg: Any, *, num_steps: int, mesh: jax.sharding.Mesh,
@@ -262,7 +304,8 @@ def make_trainer(model_cfg: llama.LlamaConfig,
     raise ValueError(f"data.global_batch={global_batch} is not divisible by "
                      f"the {batch_ways} batch shards of the mesh "
                      f"{dict(mesh.shape)}")
-  tx = optim.make_optimizer(optim_cfg, num_steps)
+  tx = optim.make_optimizer(optim_cfg, num_steps,
+                            fp8_grad_mask(model_cfg, quant_rules))
   schedule = optim.make_schedule(optim_cfg, num_steps)
 
   def build_model(key):
@@ -297,7 +340,8 @@ def make_trainer(model_cfg: llama.LlamaConfig,
   step_fn = functools.partial(
       train_step, graphdef=graphdef, tx=tx, optim_cfg=optim_cfg,
       schedule=schedule, skip_nonfinite=skip_nonfinite,
-      segment_ids=segment_ids, metrics_fn=metrics_fn)
+      segment_ids=segment_ids, metrics_fn=metrics_fn,
+      proj_mask=projection_mask(model_cfg))
   eval_fn = functools.partial(eval_step, graphdef=graphdef,
                               segment_ids=segment_ids)
   t0 = time.perf_counter()

@@ -258,6 +258,17 @@ def test_fp8_grad_rounding_matches_oracle_and_saturates_safely():
   assert np.isinf(out[1]) and np.isnan(out[2])
 
 
+def test_fp8_grad_mask_rounds_only_the_chosen_leaves():
+  g = _grad_sequence((4, 16), 1, jax.random.key(11))[0] * 1000.0
+  grads = {"kernel": g, "head": g}
+  rnd = optim.round_grads_to_fp8(lambda t: {"kernel": True, "head": False})
+  out = rnd.update(grads, None)[0]
+  whole = optim.round_grads_to_fp8().update({"g": g}, None)[0]["g"]
+  np.testing.assert_array_equal(out["kernel"], whole)
+  np.testing.assert_array_equal(out["head"], np.asarray(g, np.float32))
+  assert not np.array_equal(out["head"], out["kernel"])
+
+
 def test_grad_fp8_flag_rounds_before_the_optimizer():
   params = _toy_params(jax.random.key(8))
   # Two steps: after one, Adam's update is ~sign(g) whatever the rounding.

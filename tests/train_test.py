@@ -11,6 +11,7 @@ import math
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import demo
 from fp4jax import data
@@ -154,6 +155,38 @@ def test_metrics_fn_seam_flattens_per_layer_scalars():
   assert flat == {"loss": 2.0, "layers/0/amax": 3, "layers/1/amax": 4.5}
   with pytest.raises(ValueError, match="layers/0"):
     metrics.flatten({"layers": {"0": np.ones(2)}})
+
+
+def test_fp8_grads_cover_exactly_the_quantized_projection_kernels():
+  model_cfg = sizes.get_config("tiny", vocab_size=64)
+  rules = qconfig.default_rules("fp4_paper")
+  params = nnx.state(nnx.eval_shape(lambda: llama.Llama(
+      model_cfg, rules=rules, rngs=nnx.Rngs(0))), nnx.Param)
+  mask = train_state.fp8_grad_mask(model_cfg, rules)(params)
+  chosen = {sharding.path_str(p).removesuffix(".value") for p, m in
+            jax.tree_util.tree_flatten_with_path(mask)[0] if m}
+  want = {f"{p}.kernel" for p in llama.projection_paths(model_cfg)
+          if p != "lm_head"}
+  assert chosen == want
+  # Unquantized runs round nothing.
+  none = train_state.fp8_grad_mask(model_cfg, qconfig.default_rules("bf16"))
+  assert not any(jax.tree.leaves(none(params)))
+
+
+def test_proj_lr_scale_scales_exactly_the_projection_kernels():
+  model_cfg = sizes.get_config("tiny", vocab_size=64)
+  params = nnx.state(nnx.eval_shape(lambda: llama.Llama(
+      model_cfg, rules=(), rngs=nnx.Rngs(0))), nnx.Param)
+  ones = jax.tree.map(lambda a: np.ones(a.shape, np.float32), params)
+  cfg = optim.OptimConfig(proj_lr_scale=0.5)
+  out = train_state._scale_projection_updates(   # pylint: disable=W0212
+      ones, cfg, train_state.projection_mask(model_cfg))
+  got = {sharding.path_str(p).removesuffix(".value"): float(np.max(v))
+         for p, v in jax.tree_util.tree_flatten_with_path(out)[0]}
+  proj = {f"{p}.kernel" for p in llama.projection_paths(model_cfg)
+          if p != "lm_head"}
+  assert {k for k, v in got.items() if v == 0.5} == proj
+  assert all(v == 1.0 for k, v in got.items() if k not in proj)
 
 
 def test_flops_and_peaks():
