@@ -182,6 +182,9 @@ RECIPES: dict[str, Recipe] = {
         name="fp4_code", x=TensorQuant(fmt="e2m1", axis=-1, pow2=True),
         w=TensorQuant(fmt="e2m1", axis=1, pow2=True), g_dgrad=_G8,
         g_wgrad=_G8, dge_k=5.0, occ_alpha=0.99, compensation="none"),
+    # A control, not a quantization recipe: exact GEMMs, but the weight
+    # gradient carries DGE's factor f'(W sw) on the E2M1 grid W would have.
+    "dge_only": Recipe(name="dge_only", dge_k=5.0),
     "mxfp4": Recipe(
         name="mxfp4", x=TensorQuant(axis=-1, **_MX),
         w=TensorQuant(axis=0, **_MX), g_dgrad=_G8, g_wgrad=_G8),

@@ -121,16 +121,36 @@ def _fwd_core(x, w, r: Recipe, key):
   keep_resid = comp == "sparse" or (comp == "dense" and not reuse)
   res = (x_eff.astype(x.dtype) if reuse else None,
          w_deq.astype(w.dtype) if reuse else None, w,
-         qw.scale if _uses_dge(r) else None,
+         _dge_scale(r, qw, w32),
          None if reuse else xc.astype(x.dtype),
          resid if keep_resid else None,
          kb)
   return y, res
 
 
+# DGE without weight quantization (recipe "dge_only", a control that
+# separates DGE's effect on the optimiser from quantization): the factor is
+# taken on the grid the weight would be quantized to, E2M1 per out-channel.
+_DGE_GRID = TensorQuant(fmt="e2m1", axis=0)
+
+
+def _dge_spec(r: Recipe) -> TensorQuant | None:
+  """The weight grid DGE differentiates on, or None (no DGE)."""
+  if r.dge_k is None:
+    return None
+  if r.w is None:
+    return _DGE_GRID
+  return r.w if numerics.get_format(r.w.fmt).is_fp4 else None
+
+
 def _uses_dge(r: Recipe) -> bool:
-  return (r.dge_k is not None and r.w is not None
-          and numerics.get_format(r.w.fmt).is_fp4)
+  return _dge_spec(r) is not None
+
+
+def _dge_scale(r: Recipe, qw, w32):
+  if not _uses_dge(r):
+    return None
+  return qw.scale if qw is not None else quant.compute_scale(w32, _DGE_GRID)
 
 
 def _requant(v32, q: TensorQuant | None, axis: int, key):
@@ -180,7 +200,7 @@ def _bwd_core(r: Recipe, res, g):
   if _uses_dge(r):
     # DGE: d(dequantized W)/dW evaluated on the scaled weight (RECIPE §3).
     dw = dw * quant.dge_derivative(w.astype(jnp.float32) * sw, r.dge_k,
-                                   r.dge_cap, r.w.fmt)
+                                   r.dge_cap, _dge_spec(r).fmt)
   if comp == "sparse":
     r32 = resid.astype(jnp.float32)
     dw = dw + _dot(r32, gq_w, _TN, impl.deq_dtype)

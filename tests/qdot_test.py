@@ -207,6 +207,21 @@ def test_sparse_backward_differs_from_dge_on_the_residual():
   np.testing.assert_array_equal(dx[kept], old_dx[kept])
 
 
+def test_dge_only_is_exact_but_for_the_weight_gradient_factor():
+  spec = np_ref.MatmulSpec(x_fmt=None, occ_alpha=None, compensation="none")
+  x, w, g = _inputs(spec)   # nudged off the E2M1 thresholds of W * sw
+  y, dx, dw = _run(qdot.get_recipe("dge_only"), x, w, g)
+  x64, w64, g64 = (a.astype(np.float64) for a in (x, w, g))
+  ws = np_ref.w_operand(w64, spec)[1]          # W * sw, per out-channel
+  dge = np_ref.dge_derivative(ws, 5.0, 3.0, "e2m1")
+  _assert_within(y, x64 @ w64, np.abs(x64) @ np.abs(w64), GEMM_RTOL, "y")
+  _assert_within(dx, g64 @ w64.T, np.abs(g64) @ np.abs(w64.T), GEMM_RTOL,
+                 "dx")
+  _assert_within(dw, (x64.T @ g64) * dge, (np.abs(x64.T) @ np.abs(g64)) * dge,
+                 GEMM_RTOL + DGE_RTOL, "dw")
+  assert np.ptp(dge) > 1.0   # the factor varies: the check can fail
+
+
 # ---------------------------------------------------------- plain recipes
 def _assert_plain(outs, x, w, g, rtol):
   """y, dx, dw of an unquantized matmul vs float64, bounded per element."""
