@@ -25,7 +25,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(f"configs.{p.stem}" for p in (ROOT / "configs").glob("*.py")
                  if p.stem not in ("__init__", "common", "models")) + sorted(
                      f"experiments.{p.stem}"
-                     for p in (ROOT / "experiments").glob("*.py"))
+                     for p in (ROOT / "experiments").glob("*.py")
+                     if p.stem not in ("arms", "run"))
 
 
 def _assigned_keys(tree: ast.AST) -> dict[str, int]:
