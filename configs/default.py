@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_steps = 20           # batches per validation pass (0 = none)
   c.checkpoint_every = 1_000  # steps between checkpoints (+ end, SIGTERM)
   c.keep_checkpoints = 3      # most recent checkpoints kept on disk
+  c.telemetry_every = 0       # steps between per-layer quant stats; 0 = off
   c.skip_nonfinite = False    # NaN/inf loss or grad: skip+count, else stop
 
   c.model = ml_collections.ConfigDict()

@@ -27,6 +27,7 @@ from flax import nnx
 from fp4jax import qconfig
 from fp4jax import qdot
 from fp4jax import sharding
+from fp4jax import telemetry
 
 ACT_BTD = ("act_batch", "act_seq", "act_embed")
 INIT_STD = 0.02  # GPT-2 / LLaMA-style init for embeddings and projections.
@@ -121,7 +122,7 @@ def path_id(path: str) -> int:
 
 
 def qdense(x: jax.Array, kernel: jax.Array, recipe, key: jax.Array | None,
-           pid: int, out_dtype) -> jax.Array:
+           pid: int, out_dtype, path: str = "") -> jax.Array:
   """The quantization seam: x @ kernel per `recipe`.
 
   Args:
@@ -132,6 +133,7 @@ def qdense(x: jax.Array, kernel: jax.Array, recipe, key: jax.Array | None,
       independent randomness.
     pid: this projection's `path_id`.
     out_dtype: dtype of the result.
+    path: the projection's path, for an active `telemetry.Probe`.
 
   Returns:
     [..., N] in out_dtype.
@@ -142,6 +144,9 @@ def qdense(x: jax.Array, kernel: jax.Array, recipe, key: jax.Array | None,
   # f32 accumulation, one rounding to out_dtype (plain matmul when the
   # recipe is None or does not quantize).
   y = qdot.qmatmul(x2d, kernel, recipe, k, out_dtype=out_dtype)
+  probe = telemetry.active()
+  if probe is not None and recipe is not None and recipe.quantizes:
+    y = probe.observe(path, x2d, kernel, y, recipe)
   return y.reshape(*lead, kernel.shape[-1])
 
 
@@ -161,6 +166,7 @@ class QDense(nnx.Module):
                                  jnp.dtype(cfg.param_dtype)))
     self.recipe = recipe
     self.pid = path_id(path)
+    self.path = path
     self.compute_dtype = cfg.compute_dtype
     self.out_dtype = out_dtype or cfg.compute_dtype
 
@@ -169,7 +175,7 @@ class QDense(nnx.Module):
     """x: [..., in] -> [..., out] in out_dtype."""
     kernel = self.kernel[...].astype(self.compute_dtype)
     return qdense(x.astype(self.compute_dtype), kernel, self.recipe, key,
-                  self.pid, self.out_dtype)
+                  self.pid, self.out_dtype, self.path)
 
 
 class RMSNorm(nnx.Module):

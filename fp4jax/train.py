@@ -108,7 +108,7 @@ def quant_rules(quant: Mapping[str, Any]
 def _check_loop_keys(config) -> None:
   for key, low in (("num_steps", 1), ("log_every", 1), ("eval_every", 0),
                    ("eval_steps", 0), ("checkpoint_every", 1),
-                   ("keep_checkpoints", 1)):
+                   ("keep_checkpoints", 1), ("telemetry_every", 0)):
     value = config[key]
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
       raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
@@ -227,7 +227,8 @@ def train_and_evaluate(config, workdir: str, *,
       model_cfg, rules, optim_cfg, num_steps=num_steps, mesh=mesh,
       global_batch=config.data.global_batch, seq_len=config.data.seq_len,
       seed=config.seed, skip_nonfinite=config.skip_nonfinite,
-      segment_ids=config.data.segment_ids, metrics_fn=metrics_fn)
+      segment_ids=config.data.segment_ids, metrics_fn=metrics_fn,
+      telemetry_on=config.telemetry_every > 0)
   # Everything is validated: from here on the workdir may be written.
   checkpoint.write_run_info(workdir, run_info)
   ckpt = checkpoint.Checkpointer(workdir, every=config.checkpoint_every,
@@ -277,6 +278,15 @@ def _loop(config, trainer, ckpt, writer, train_it, val_it, stop_at_step):
   with checkpoint.sigterm_flag() as flag:
     while step < num_steps:
       batch = trainer.put_batch(next(train_it))
+      tele = None
+      if config.telemetry_every and (step + 1) % config.telemetry_every == 0:
+        # The stats of the batch this step trains on, at the params it
+        # starts from; timed apart from the step.
+        t_tele = time.perf_counter()
+        tele = jax.device_get(trainer.telemetry_step(state.params, state.rng,
+                                                     batch))
+        tele["telemetry_seconds"] = time.perf_counter() - t_tele
+        t_last += tele["telemetry_seconds"]
       state, m = trainer.train_step(state, batch)
       step += 1
       window.append((step, m))
@@ -284,6 +294,7 @@ def _loop(config, trainer, ckpt, writer, train_it, val_it, stop_at_step):
           step == num_steps or (config.eval_every and
                                 step % config.eval_every == 0))
       boundary = (step % config.log_every == 0 or step == num_steps or
+                  tele is not None or
                   step % config.checkpoint_every == 0 or is_eval or
                   step == stop_at_step)
       stop = _stop_requested(flag, boundary) or step == stop_at_step
@@ -305,8 +316,10 @@ def _loop(config, trainer, ckpt, writer, train_it, val_it, stop_at_step):
       if is_eval:
         summary["val_loss"] = _evaluate(trainer, state, val_it, val_start,
                                         config.eval_steps)
+      if tele is not None:
+        summary.update(tele)
       if (step % config.log_every == 0 or is_eval or step == num_steps or
-          stop):
+          stop or tele is not None):
         writer.write(step, summary)
         logging.info("%s", metrics_lib.console_line(step, num_steps, summary))
       ckpt.save(step, state, train_it.get_state(),

@@ -32,6 +32,7 @@ from fp4jax import llama
 from fp4jax import optim
 from fp4jax import qconfig
 from fp4jax import sharding
+from fp4jax import telemetry
 
 # Salt folded into the run key for evaluation, far from any step number.
 _EVAL_SALT = 0x7FFF_FFFF
@@ -164,6 +165,42 @@ def eval_step(params: Any, rng: jax.Array, batch: Batch, *, graphdef: Any,
   return {"nll_sum": nll, "tokens": n}
 
 
+def telemetry_step(params: Any, rng: jax.Array, batch: Batch, *,
+                   graphdef: Any, segment_ids: bool = False,
+                   paths: Sequence[str] = ()) -> dict[str, Any]:
+  """Per-projection quantization stats of one batch (no update).
+
+  One forward and backward with a `telemetry.Probe` active: the forward
+  records each quantized projection's activation (x) and weight (w)
+  operands, and gradient taps on `paths` return the stats of their
+  upstream gradient (g) through the backward.
+
+  Returns:
+    {"telemetry": {path: {"x": {...}, "w": {...}, "g": {...}}}} of f32
+    scalars (see `telemetry.operand_stats`).
+  """
+  taps = {p: jnp.zeros([len(telemetry.STAT_KEYS)], jnp.float32)
+          for p in paths}
+  key = jax.random.fold_in(rng, _EVAL_SALT - 1)
+
+  tapped: set[str] = set()   # a trace-time fact, not an array
+
+  def loss(taps):
+    with telemetry.probing(taps) as probe:
+      value = _loss(params, graphdef, batch, key, segment_ids)
+    tapped.update(probe.tapped)
+    return value, probe.stats
+
+  (_, stats), tap_grads = jax.value_and_grad(loss, has_aux=True)(taps)
+  out = {}
+  for path, entry in stats.items():
+    entry = dict(entry)
+    if path in tapped:
+      entry["g"] = telemetry.unpack_tap(tap_grads[path])
+    out[path] = entry
+  return {"telemetry": out}
+
+
 @dataclasses.dataclass
 class Trainer:
   """A model with its sharded state layout and compiled steps.
@@ -181,6 +218,8 @@ class Trainer:
     train_step: compiled (state, batch) -> (state, metrics); donates state.
     eval_step: compiled (params, rng, batch) -> {"nll_sum", "tokens"}.
     compile_seconds: wall time spent lowering and compiling both steps.
+    telemetry_step: compiled (params, rng, batch) -> per-layer stats (see
+      `telemetry_step`), or None when not asked for.
   """
   model_cfg: llama.LlamaConfig
   graphdef: Any
@@ -193,6 +232,7 @@ class Trainer:
   train_step: Callable[..., tuple[TrainState, dict[str, Any]]]
   eval_step: Callable[..., dict[str, jax.Array]]
   compile_seconds: float
+  telemetry_step: Callable[..., dict[str, Any]] | None = None
 
   def put_batch(self, local: Mapping[str, Any]) -> dict[str, jax.Array]:
     """This process's numpy rows -> global arrays placed per batch_sharding."""
@@ -267,8 +307,8 @@ def make_trainer(model_cfg: llama.LlamaConfig,
                  global_batch: int, seq_len: int, seed: int,
                  logical_rules: sharding.Rules = sharding.LOGICAL_RULES,
                  skip_nonfinite: bool = False, segment_ids: bool = False,
-                 metrics_fn: Callable[..., Mapping[str, Any]] | None = None
-                 ) -> Trainer:
+                 metrics_fn: Callable[..., Mapping[str, Any]] | None = None,
+                 telemetry_on: bool = False) -> Trainer:
   """Builds the model, its sharded state layout and the compiled steps.
 
   Args:
@@ -284,6 +324,7 @@ def make_trainer(model_cfg: llama.LlamaConfig,
     skip_nonfinite: see `train_step`.
     segment_ids: see `train_step`.
     metrics_fn: see `train_step`.
+    telemetry_on: also compile `telemetry_step`.
 
   Returns:
     A Trainer.
@@ -358,10 +399,22 @@ def make_trainer(model_cfg: llama.LlamaConfig,
                      out_shardings=replicated).lower(
                          abstract.params, abstract.rng, abstract_batch
                      ).compile()
+    tele_c = None
+    if telemetry_on:
+      quantized = tuple(p for p, r in abstract_model.quant_table.items()
+                        if r != "none")
+      tele_fn = functools.partial(telemetry_step, graphdef=graphdef,
+                                  segment_ids=segment_ids, paths=quantized)
+      tele_c = jax.jit(tele_fn, in_shardings=(state_sh.params, replicated,
+                                              batch_sh),
+                       out_shardings=replicated).lower(
+                           abstract.params, abstract.rng, abstract_batch
+                       ).compile()
   seconds = time.perf_counter() - t0
   logging.info("compiled init/train/eval steps in %.1f s", seconds)
   return Trainer(model_cfg=model_cfg, graphdef=graphdef,
                  quant_table=dict(abstract_model.quant_table), mesh=mesh,
                  state_shardings=state_sh, abstract_state=abstract,
                  batch_sharding=batch_sh, init=init_c, train_step=train_c,
-                 eval_step=eval_c, compile_seconds=seconds)
+                 eval_step=eval_c, compile_seconds=seconds,
+                 telemetry_step=tele_c)
