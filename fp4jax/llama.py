@@ -145,7 +145,7 @@ def qdense(x: jax.Array, kernel: jax.Array, recipe, key: jax.Array | None,
   # recipe is None or does not quantize).
   y = qdot.qmatmul(x2d, kernel, recipe, k, out_dtype=out_dtype)
   probe = telemetry.active()
-  if probe is not None and recipe is not None and recipe.quantizes:
+  if probe is not None:
     y = probe.observe(path, x2d, kernel, y, recipe)
   return y.reshape(*lead, kernel.shape[-1])
 

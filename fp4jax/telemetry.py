@@ -126,8 +126,12 @@ class Probe:
     self.tapped: set[str] = set()
 
   def observe(self, path: str, x2d: jax.Array, w: jax.Array, y: jax.Array,
-              r: Recipe) -> jax.Array:
-    """Records x and w stats of one projection; returns y with a tap."""
+              r: Recipe | None) -> jax.Array:
+    """Called by the seam for every projection: x2d [M, K], w [K, N], its
+    output y [M, N] and recipe. Records the stats of the quantized ones;
+    returns y, with a gradient tap where g is quantized."""
+    if r is None or not r.quantizes:
+      return y
     entry = {}
     if r.x is not None:
       entry["x"] = activation_stats(jax.lax.stop_gradient(x2d), r)
@@ -144,9 +148,12 @@ _ACTIVE: list[Probe] = []
 
 
 @contextlib.contextmanager
-def probing(taps: dict[str, jax.Array]):
-  """Activates a Probe for the model calls traced inside the block."""
-  p = Probe(taps)
+def probing(taps: dict[str, jax.Array] | None = None,
+            probe: Probe | None = None):
+  """Activates `probe` (default: a new Probe over `taps`) for the model
+  calls traced or run inside the block; yields it. A subclass overriding
+  `observe` can capture operands instead (e.g. activations for notebooks)."""
+  p = probe if probe is not None else Probe(taps or {})
   _ACTIVE.append(p)
   try:
     yield p

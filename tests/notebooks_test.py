@@ -1,4 +1,5 @@
-"""Every notebook executes headless without errors (slow: starts a kernel)."""
+"""Every notebook executes headless without errors, at its small default
+settings (each trains at most a tiny model for a few dozen steps)."""
 
 import pathlib
 
@@ -8,7 +9,6 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).parents[1] / "notebooks").glob(
     "*.ipynb"))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_executes(path):
   nbclient = pytest.importorskip("nbclient")
