@@ -9,6 +9,10 @@ grain or tfds, so it runs on a bare GPU image), compiles one train step per
 recipe, then times them in interleaved rounds (so machine load drifts hit
 every recipe alike) and prints the median step time and its ratio to the
 first recipe (bf16 by default; the goal for fp4_paper is <= 1.15x).
+
+`--telemetry_every=N` also times each recipe's telemetry step (one probe
+forward + backward, `fp4jax.telemetry`) in the same rounds and prints its
+cost as a share of N train steps (goal: <= 5% at N = 50).
 """
 
 import argparse
@@ -41,6 +45,8 @@ def _args(argv):
   p.add_argument("--steps", type=int, default=12, help="timed steps each")
   p.add_argument("--rounds", type=int, default=3,
                  help="interleaved rounds the timed steps are split into")
+  p.add_argument("--telemetry_every", type=int, default=0,
+                 help="also time the telemetry step; cost vs N steps")
   p.add_argument("--warmup", type=int, default=2,
                  help="untimed steps after compiling")
   return p.parse_args(argv)
@@ -67,13 +73,15 @@ def main(argv=None) -> dict[str, float]:
     rules = qconfig.default_rules(qconfig.get_recipe(name))
     t = train_state.make_trainer(
         model_cfg, rules, optim_cfg, num_steps=1000, mesh=mesh,
-        global_batch=a.batch, seq_len=a.seq, seed=0)
+        global_batch=a.batch, seq_len=a.seq, seed=0,
+        telemetry_on=a.telemetry_every > 0)
     state = t.init()
     batch = t.put_batch(next(data))
     for _ in range(a.warmup):
       state, m = t.train_step(state, batch)
     jax.block_until_ready(m)
-    runs[name] = {"trainer": t, "state": state, "batch": batch, "times": []}
+    runs[name] = {"trainer": t, "state": state, "batch": batch, "times": [],
+                  "tele": []}
     print(f"  {name}: compiled in {t.compile_seconds:.1f} s", flush=True)
   per_round = max(a.steps // a.rounds, 1)
   for _ in range(a.rounds):
@@ -84,11 +92,25 @@ def main(argv=None) -> dict[str, float]:
                                                      run["batch"])
         jax.block_until_ready(m)
         run["times"].append(time.perf_counter() - t0)
+      if a.telemetry_every:
+        t0 = time.perf_counter()
+        jax.device_get(run["trainer"].telemetry_step(
+            run["state"].params, run["state"].rng, run["batch"]))
+        run["tele"].append(time.perf_counter() - t0)
   medians = {n: statistics.median(r["times"]) for n, r in runs.items()}
   base = medians[recipes[0]]
   print(f"{'recipe':<14}{'median ms/step':>16}{'ratio':>8}")
   for name, sec in medians.items():
     print(f"{name:<14}{1e3 * sec:>16.1f}{sec / base:>7.2f}x")
+  if a.telemetry_every:
+    print(f"{'recipe':<14}{'telemetry ms':>16}{'x step':>8}"
+          f"{'cost @' + str(a.telemetry_every):>12}")
+    for name, r in runs.items():
+      if not r["trainer"].telemetry_step or not r["tele"]:
+        continue
+      tel = statistics.median(r["tele"])
+      print(f"{name:<14}{1e3 * tel:>16.1f}{tel / medians[name]:>7.2f}x"
+            f"{100 * tel / (a.telemetry_every * medians[name]):>11.2f}%")
   return medians
 
 

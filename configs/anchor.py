@@ -29,7 +29,11 @@ Args (`:k=v,k=v`):
   paper_optim: the rest of the paper's pipeline (RECIPE §6): FP8 E4M3
     weight gradients on the quantized projections and FP8 / FP16 Adam
     moments.
-  overrides: a dict of recipe overrides, e.g. "{'dge_k': None}".
+  overrides: a dict of one recipe override, e.g. "{'dge_k': None}" (more
+    keys: set `quant.overrides` on the config; the arg string splits at ",").
+  size: "anchor" (above) or "small": d_model 128, 2 layers, SwiGLU 344,
+    rows of 128 tokens (2.3M parameters, ~5x cheaper a step on a CPU) for
+    the sweeps that reproduce the paper's ablation figures.
 """
 
 import os
@@ -47,7 +51,11 @@ WARMUP_STEPS = 30
 def get_config(arg: str | None = None):
   """Anchor config; see the module docstring for the args."""
   a = common.parse_arg(arg, recipe="f32", seed=0, lr=1e-3, steps=200,
-                       compute="", paper_optim=False, overrides={})
+                       compute="", paper_optim=False, overrides={},
+                       size="anchor")
+  if a.size not in ("anchor", "small"):
+    raise ValueError(f"anchor size must be 'anchor' or 'small', got "
+                     f"{a.size!r}")
   c = default.get_config()
   c.seed = a.seed
   c.num_steps = a.steps
@@ -86,4 +94,7 @@ def get_config(arg: str | None = None):
   c.data.seq_len = 256
   c.data.global_batch = 16
   c.data.segment_ids = True
+  if a.size == "small":
+    c.model.d_model, c.model.n_layers, c.model.d_ff = 128, 2, 344
+    c.data.seq_len = 128
   return c
