@@ -11,6 +11,11 @@ On the anchor run at lr 1e-3 (paired with f32 by seed):
   mean shrink DGE's factor gives Adam's step if it were uncorrelated in time
   (E[f'] / sqrt(E[f'^2]) over a weight uniform in its interval, k=5, cap 3).
   If this matches dge_only, DGE acts as a per-group LR cut.
+- `f32_noclip` vs `dge_only_noclip`: the same pair without gradient-norm
+  clipping. DGE's factor (mean ~0.59) shrinks the projections' share of the
+  global norm, so under clipping it also changes how hard the embedding and
+  head gradients are clipped in the first ~35 steps (norm > 1). If the gap
+  survives without clipping, clipping is not the cause.
 - `fp4_paper_full`: the whole paper pipeline (FP8 weight gradients on the
   projections, FP8/FP16 Adam moments).
 """
@@ -24,6 +29,9 @@ ARMS = {
     "fp4_paper_ste": Arm("recipe=fp4_paper,overrides={'dge_k': None}"),
     "dge_only": Arm("recipe=dge_only"),
     "f32_proj_lr0.69": Arm("recipe=f32", sets=(("optim.proj_lr_scale", 0.69),)),
+    "f32_noclip": Arm("recipe=f32", sets=(("optim.clip_norm", 1e9),)),
+    "dge_only_noclip": Arm("recipe=dge_only",
+                           sets=(("optim.clip_norm", 1e9),)),
     "fp4_paper_full": Arm("recipe=fp4_paper,paper_optim=True"),
 }
 BASELINE = "f32"
