@@ -39,9 +39,35 @@ RESULTS = os.path.join(ROOT, "experiments", "results")
 _MAX_SEEDS = 10
 
 
-def arm_hash(config) -> str:
-  """Stable id of a run's configuration (seed and steps included)."""
-  text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+# Set by the runner for every arm alike, not part of an arm's identity.
+_RUNNER_KEYS = ("data.tfds_data_dir", "data.tokenizer_model")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict) and v and k != "overrides":
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def arm_hash(config: Any) -> str:
+  """Stable id of a run's configuration (seed and steps included).
+
+  Only the keys whose value differs from configs/default.py count, so a
+  config key added later with a neutral default does not orphan the
+  workdirs of arms that already ran. Accepts a ConfigDict or the "config"
+  dict of a workdir's config.json.
+  """
+  from configs import default  # pylint: disable=g-import-not-at-top
+  d = config.to_dict() if hasattr(config, "to_dict") else config
+  base = _flat(json.loads(json.dumps(default.get_config().to_dict())))
+  cur = _flat(json.loads(json.dumps(d)))   # tuples -> lists, as on disk
+  delta = {k: v for k, v in cur.items()
+           if k not in _RUNNER_KEYS and (k not in base or base[k] != v)}
+  text = json.dumps(delta, sort_keys=True, default=str)
   return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 

@@ -25,6 +25,19 @@ def test_shared_arms_have_one_workdir_id():
   assert len(ids) == 5
 
 
+def test_arm_id_of_a_workdir_config_json_equals_the_arm_config():
+  c = mechanism.get_config("arm=fp4_paper_ste,seed=1")
+  saved = json.loads(json.dumps(c.to_dict()))     # as config.json holds it
+  saved["data"]["tfds_data_dir"] = "/somewhere/_data/tfds"   # runner flags
+  saved["data"]["tokenizer_model"] = "/somewhere/tok.model"
+  assert run.arm_hash(saved) == run.arm_hash(c)
+  # A key at its default value does not count (configs gain keys over time).
+  saved["telemetry_every"] = 0
+  assert run.arm_hash(saved) == run.arm_hash(c)
+  saved["telemetry_every"] = 50
+  assert run.arm_hash(saved) != run.arm_hash(c)
+
+
 def test_arm_configs_apply_their_deltas():
   c = mechanism.get_config("arm=f32_proj_lr0.69,seed=2")
   assert (c.optim.proj_lr_scale, c.seed, c.quant.recipe,
