@@ -224,16 +224,23 @@ class Runner:
     return summary
 
   def _best_lr(self, summary, runs) -> dict[str, Any] | None:
-    """Per group with several LRs: the LR of lowest mean val loss, and the
-    paired comparison of each group's best with the baseline group's."""
+    """Per group with several LRs: the LR of lowest mean val loss over the
+    seeds all its LRs ran, and the paired comparison of each group's best
+    with the baseline group's."""
     groups: dict[str, list[str]] = {}
     for arm, a in summary["arms"].items():
       groups.setdefault(a["group"], []).append(arm)
     if all(len({summary["arms"][a]["lr"] for a in arms}) < 2
            for arms in groups.values()):
       return None
-    best = {g: min(arms, key=lambda a: summary["arms"][a]["mean"])
-            for g, arms in groups.items()}
+    def best_of(arms):
+      # Compared on the seeds every LR of the group has: seeds differ in
+      # difficulty by more than the LRs do, so unequal seed sets would
+      # pick the LR that happened to run the easy seeds.
+      common = set.intersection(*(set(runs[a]["val"]) for a in arms))
+      return min(arms, key=lambda a: np.mean(
+          [runs[a]["val"][s] for s in common]))
+    best = {g: best_of(arms) for g, arms in groups.items()}
     base_group = summary["arms"].get(self.mod.BASELINE, {}).get("group")
     out = {}
     for g, arm in best.items():
