@@ -11,6 +11,8 @@ On the anchor run at lr 1e-3 (paired with f32 by seed):
   mean shrink DGE's factor gives Adam's step if it were uncorrelated in time
   (E[f'] / sqrt(E[f'^2]) over a weight uniform in its interval, k=5, cap 3).
   If this matches dge_only, DGE acts as a per-group LR cut.
+- `f32_lr3e-3_proj_lr0.69`: the same per-group cut at lr 3e-3, where
+  fp4_paper's lead over f32 grows (lr_sweep).
 - `f32_noclip` vs `dge_only_noclip`: the same pair without gradient-norm
   clipping. DGE's factor (mean ~0.59) shrinks the projections' share of the
   global norm, so under clipping it also changes how hard the embedding and
@@ -29,6 +31,8 @@ ARMS = {
     "fp4_paper_ste": Arm("recipe=fp4_paper,overrides={'dge_k': None}"),
     "dge_only": Arm("recipe=dge_only"),
     "f32_proj_lr0.69": Arm("recipe=f32", sets=(("optim.proj_lr_scale", 0.69),)),
+    "f32_lr3e-3_proj_lr0.69": Arm("recipe=f32,lr=0.003",
+                                  sets=(("optim.proj_lr_scale", 0.69),)),
     "f32_noclip": Arm("recipe=f32", sets=(("optim.clip_norm", 1e9),)),
     "dge_only_noclip": Arm("recipe=dge_only",
                            sets=(("optim.clip_norm", 1e9),)),
