@@ -44,9 +44,15 @@ def operand_stats(v: jax.Array, q: TensorQuant) -> dict[str, jax.Array]:
      scales 1/sf}. Stochastic rounding draws from a fixed key.
   """
   v32 = v.astype(jnp.float32)
-  key = jax.random.key(0) if q.rounding == "stochastic" else None
-  qt = quant.quantize(v32, q, key)
+  qt = _quantize(v32, q)
   return _error_stats(v32, qt.dequantize(), v32, qt, q)
+
+
+def _quantize(v32: jax.Array, q: TensorQuant) -> quant.QTensor:
+  # Stochastic rounding draws from a fixed key: the stats of a step do not
+  # depend on the step's own randomness.
+  key = jax.random.key(0) if q.rounding == "stochastic" else None
+  return quant.quantize(v32, q, key)
 
 
 def _error_stats(ref32, approx, v32, qt, q) -> dict[str, jax.Array]:
@@ -82,8 +88,7 @@ def activation_stats(x: jax.Array, r: Recipe) -> dict[str, jax.Array]:
     xc, resid = quant.occ_clamp(x32, r.occ_alpha, r.occ_axis)
   else:
     xc, resid = x32, jnp.zeros_like(x32)
-  key = jax.random.key(0) if r.x.rounding == "stochastic" else None
-  qt = quant.quantize(xc, r.x, key)
+  qt = _quantize(xc, r.x)
   approx = qt.dequantize()
   if r.effective_compensation != "none":
     approx = approx + resid
@@ -96,8 +101,7 @@ def weight_stats(w: jax.Array, r: Recipe) -> dict[str, jax.Array]:
   """Stats of the forward weight operand; dge_mean = mean f'(W sw) if the
   recipe uses DGE (its factor on the weight gradient)."""
   w32 = w.astype(jnp.float32)
-  key = jax.random.key(0) if r.w.rounding == "stochastic" else None
-  qt = quant.quantize(w32, r.w, key)
+  qt = _quantize(w32, r.w)
   out = _error_stats(w32, qt.dequantize(), w32, qt, r.w)
   if r.dge_k is not None and numerics.get_format(r.w.fmt).is_fp4:
     f = quant.dge_derivative(w32 * qt.scale, r.dge_k, r.dge_cap, r.w.fmt)
