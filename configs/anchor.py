@@ -31,9 +31,10 @@ Args (`:k=v,k=v`):
     moments.
   overrides: a dict of one recipe override, e.g. "{'dge_k': None}" (more
     keys: set `quant.overrides` on the config; the arg string splits at ",").
-  size: "anchor" (above) or "small": d_model 128, 2 layers, SwiGLU 344,
-    rows of 128 tokens (2.3M parameters, ~5x cheaper a step on a CPU) for
-    the sweeps that reproduce the paper's ablation figures.
+  size: "anchor" (above) or "small": d_model 128, 2 layers, SwiGLU 352
+    (a multiple of 32, so MXFP4 / NVFP4 blocks tile it), rows of 128
+    tokens (2.3M parameters, ~5x cheaper a step on a CPU) for the sweeps
+    that reproduce the paper's ablation figures.
 """
 
 import os
@@ -95,6 +96,6 @@ def get_config(arg: str | None = None):
   c.data.global_batch = 16
   c.data.segment_ids = True
   if a.size == "small":
-    c.model.d_model, c.model.n_layers, c.model.d_ff = 128, 2, 344
+    c.model.d_model, c.model.n_layers, c.model.d_ff = 128, 2, 352
     c.data.seq_len = 128
   return c
