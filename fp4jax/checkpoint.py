@@ -2,13 +2,17 @@
 
 Owns: the orbax CheckpointManager under `<workdir>/checkpoints` (async saves,
 keep-N, one save interval), the run description `<workdir>/config.json` and
-the check that a restart targets the same model, and the SIGTERM flag that
-lets the train loop save and exit cleanly.
+the check that a restart targets the same model, and the stop-signal flag
+that lets the train loop save and exit cleanly (`stop_flag`: SIGTERM and
+SIGINT).
 
-Resume order: the latest complete checkpoint in the workdir, else a fresh
-init. A checkpoint holds two items: "state" (the TrainState pytree, restored
-into an abstract target that carries the shardings, so arrays land already
-sharded) and "data" (the input iterator's JSON state). Saves are atomic
+Resume order: the latest readable checkpoint in the workdir, else a fresh
+init. A checkpoint that fails to restore (a truncated or missing file) is
+reported with its step and file, moved aside to
+`<workdir>/checkpoints.broken/` (kept for inspection, never deleted) and the
+next older one is tried. A checkpoint holds two items: "state" (the
+TrainState pytree, restored into an abstract target that carries the
+shardings, so arrays land already sharded) and "data" (the input iterator's JSON state). Saves are atomic
 (orbax writes to a tmp dir and renames), so a kill mid-save leaves the
 previous checkpoint as the latest. With several processes the "data" item
 holds every process's iterator state (gathered to the writer), and each
@@ -21,6 +25,7 @@ Must not import: ml_collections, tensorflow_datasets, grain, or fp4jax.train
 import contextlib
 import json
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -34,6 +39,46 @@ from jax.experimental import multihost_utils
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+BROKEN_DIR = "checkpoints.broken"
+# Files every complete step directory has (orbax layout, one process).
+_REQUIRED = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt",
+             "data/metadata")
+
+
+def complete_steps(workdir: str) -> list[int]:
+  """Steps of the complete checkpoints under `workdir`, ascending.
+
+  Reads the directory only (no orbax manager is created, nothing written):
+  orbax renames a step directory into place when it is complete, so only
+  all-digit names count.
+  """
+  root = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(root):
+    return []
+  return sorted(int(n) for n in os.listdir(root)
+                if n.isdigit() and os.path.isdir(os.path.join(root, n)))
+
+
+def unreadable_reason(step_dir: str, error: BaseException | None = None
+                      ) -> str | None:
+  """Why the checkpoint in `step_dir` cannot be read, naming the file.
+
+  None when its files are all present and `error` names none of them (the
+  failure is then a mismatch with the model, not damage).
+  """
+  for rel in _REQUIRED:
+    if not os.path.exists(os.path.join(step_dir, rel)):
+      return f"{rel} is missing"
+  text = str(error or "")
+  root = re.escape(step_dir.rstrip("/") + "/")
+  for m in re.finditer(root + r"([^\s\"']+)", text):
+    rel = m.group(1).rstrip("/\\")
+    if rel not in ("state", "data"):   # a file, not an item directory
+      detail = text.split(":")[0].strip()
+      return f"{rel} is unreadable ({detail})"
+  if isinstance(error, (FileNotFoundError, json.JSONDecodeError)):
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+  return None
 
 
 def _gather_json(obj: Any) -> list[Any]:
@@ -46,6 +91,14 @@ def _gather_json(obj: Any) -> list[Any]:
   padded[:raw.size] = raw
   rows = multihost_utils.process_allgather(padded)        # [P, size]
   return [json.loads(bytes(row).rstrip(b"\0")) for row in rows]
+
+
+class UnreadableCheckpoint(ValueError):
+  """A checkpoint whose files are damaged or missing (not a model mismatch)."""
+
+  def __init__(self, step: int, reason: str):
+    super().__init__(f"checkpoint step {step} is unreadable: {reason}")
+    self.step, self.reason = step, reason
 
 
 class Checkpointer:
@@ -133,7 +186,12 @@ class Checkpointer:
                               data=ocp.args.JsonRestore())
     try:
       out = self._manager.restore(step, args=args)
-    except (ValueError, KeyError, TypeError) as e:
+    except Exception as e:  # orbax / tensorstore raise many kinds
+      reason = unreadable_reason(os.path.join(self.directory, str(step)), e)
+      if reason is not None:
+        raise UnreadableCheckpoint(step, reason) from e
+      if not isinstance(e, (ValueError, KeyError, TypeError)):
+        raise
       first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
       raise ValueError(f"checkpoint step {step} in {self.directory} does not "
                        f"match the model being built: {first}") from e
@@ -144,6 +202,59 @@ class Checkpointer:
                        f"{jax.process_count()}; the data position cannot be "
                        f"split differently")
     return out.state, dict(states[jax.process_index()])
+
+  def restore_latest(self, abstract_state: Any
+                     ) -> tuple[int, Any, dict[str, Any]] | None:
+    """(step, state, data_state) of the newest readable checkpoint, or None.
+
+    An unreadable checkpoint is logged as an error naming its step and
+    file, moved to `<workdir>/checkpoints.broken/<step>` (so the run's next
+    save at that step is not skipped, and the files stay for inspection),
+    and the next older one is tried.
+
+    Raises:
+      ValueError: checkpoints exist but none is readable (naming each), or
+        the newest readable one does not match the model.
+    """
+    broken = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, data_state = self.restore(abstract_state, step)
+      except UnreadableCheckpoint as e:
+        broken.append(e)
+        logging.error("checkpoint step %d is unreadable: %s; trying an older "
+                      "one", step, e.reason)
+        continue
+      if broken:
+        self._set_aside([e.step for e in broken])
+        logging.error("RESUMED FROM AN OLDER CHECKPOINT: step %d (newer %s "
+                      "unreadable, kept in %s)", step,
+                      ", ".join(f"step {e.step}" for e in broken),
+                      self._broken_dir())
+      return step, state, data_state
+    if broken:
+      raise ValueError(f"no readable checkpoint in {self.directory}: " +
+                       "; ".join(f"step {e.step}: {e.reason}" for e in broken)
+                       + "; use a new --workdir or move them away to start "
+                       "fresh")
+    return None
+
+  def _broken_dir(self) -> str:
+    return os.path.join(os.path.dirname(self.directory), BROKEN_DIR)
+
+  def _set_aside(self, steps: list[int]) -> None:
+    if jax.process_index() == 0:
+      os.makedirs(self._broken_dir(), exist_ok=True)
+      for step in steps:
+        target = os.path.join(self._broken_dir(), str(step))
+        n = 1
+        while os.path.exists(target):    # broken twice at one step
+          target = os.path.join(self._broken_dir(), f"{step}.{n}")
+          n += 1
+        os.replace(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("checkpoint_set_aside")
+    self._manager.reload()
 
   def wait(self) -> None:
     """Blocks until pending async saves are on disk."""
@@ -184,11 +295,9 @@ def check_run_info(workdir: str, info: dict[str, Any]) -> None:
   Raises:
     ValueError: one line naming the first mismatching model field.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
     return
-  with open(path) as f:
-    saved = json.load(f)
+  saved = read_run_info(workdir)
   current = json.loads(json.dumps(info))   # tuples -> lists, like the file
   model_diff = _diff(saved.get("model", {}), current["model"], "model.")
   if model_diff:
@@ -204,6 +313,25 @@ def check_run_info(workdir: str, info: dict[str, Any]) -> None:
                     ", ".join(other))
 
 
+def read_run_info(workdir: str) -> dict[str, Any]:
+  """The run description in `<workdir>/config.json`.
+
+  Raises:
+    ValueError: one line naming the file when it is not a JSON object.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is corrupt ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0]}); restore it from a backup "
+                     f"or use a new --workdir") from None
+  if not isinstance(saved, dict):
+    raise ValueError(f"{path} is corrupt: not a JSON object")
+  return saved
+
+
 def write_run_info(workdir: str, info: dict[str, Any]) -> None:
   """Writes `<workdir>/config.json` unless it exists (first start only)."""
   path = os.path.join(workdir, CONFIG_FILE)
@@ -216,29 +344,46 @@ def write_run_info(workdir: str, info: dict[str, Any]) -> None:
   os.replace(tmp, path)
 
 
-@contextlib.contextmanager
-def sigterm_flag() -> Iterator[threading.Event]:
-  """Within the block, SIGTERM sets the yielded event instead of killing.
+class StopFlag(threading.Event):
+  """Set by a stop signal; `signum` says which (None while unset)."""
 
-  The train loop polls the event, saves a checkpoint and returns. Only the
-  main thread can install signal handlers; elsewhere the event is returned
-  but never set.
+  signum: int | None = None
+
+
+# The signals a run stops on, saving first: SIGTERM (schedulers' preemption
+# notice) and SIGINT (Ctrl-C).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_flag() -> Iterator[StopFlag]:
+  """Within the block, SIGTERM / SIGINT set the yielded flag instead of killing.
+
+  The train loop polls the flag, saves a checkpoint and stops. A second
+  SIGINT while the flag is set aborts at once (KeyboardInterrupt: Ctrl-C
+  twice). Only the main thread can install signal handlers; elsewhere the
+  flag is returned but never set.
 
   Yields:
-    A threading.Event set when SIGTERM arrives.
+    A StopFlag, set (with its signum) when a stop signal arrives.
   """
-  flag = threading.Event()
+  flag = StopFlag()
   if threading.current_thread() is not threading.main_thread():
     yield flag
     return
 
   def handler(signum, frame):
     del frame
-    logging.warning("signal %d: saving a checkpoint and stopping", signum)
+    if flag.is_set() and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    logging.warning("%s: saving a checkpoint and stopping (Ctrl-C again to "
+                    "abort at once)", signal.Signals(signum).name)
+    flag.signum = flag.signum or signum
     flag.set()
 
-  previous = signal.signal(signal.SIGTERM, handler)
+  previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
   try:
     yield flag
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for s, h in previous.items():
+      signal.signal(s, h)

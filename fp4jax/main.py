@@ -1,18 +1,112 @@
-r"""python -m fp4jax.main --config=configs/demo.py --workdir=DIR [--config.k=v]
+r"""Trains a LLaMA model with FP4 (or other) quantized projections.
 
-A misspelt override names the valid keys; bad settings print one line and
-exit 1 (--traceback: full stack). Must not import fp4jax modules but train.
+  python -m fp4jax.main --config=configs/demo.py --workdir=runs/demo
+  python -m fp4jax.main --config=configs/demo.py:recipe=bf16 --workdir=DIR \
+      --config.num_steps=100          # any key: --config.<section>.<key>=v
+
+Every config key, with its default and a comment, is in configs/default.py;
+configs/*.py are small deltas over it. A run resumes from its --workdir
+(config.json, checkpoints/, metrics.jsonl, tb/); rerunning the same command
+continues an interrupted run and does nothing for a finished one.
+
+Exit codes (one `error:` or `stopped by` line on stderr for every code but 0;
+--traceback for the full stack):
+  0    finished (or was already finished)
+  1    bad input: config, data, workdir or checkpoint; nothing was written
+  3    stopped at a non-finite loss / gradient (skip_nonfinite=False)
+  4    finished, but skipped more steps than max_skipped_fraction
+  75   the workdir is in use by another run (its pid and host are named)
+  130  Ctrl-C: a checkpoint was saved, rerun to resume (twice: abort at once)
+  143  SIGTERM (preemption): a checkpoint was saved, rerun to resume
 """
 
+import importlib.util
 import logging as std_logging
 import os
+import signal
 import sys
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+# Exit codes (see the module docstring).
+EXIT_ERROR = 1
+EXIT_NONFINITE = 3
+EXIT_SKIPPED = 4
+EXIT_BUSY = 75   # EX_TEMPFAIL: try again later
 
-from fp4jax import train
+
+def _usage() -> str:
+  return __doc__.strip() + "\n"
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  """The --config value ("path[:arg]"), in either flag form."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a[len("--config="):]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _load_config_module(path: str):
+  """Imports a config file; configs import `configs.*`, `experiments.*`.
+
+  The file's grandparent directory (the repository root for
+  configs/NAME.py) goes on sys.path, so an absolute config path works from
+  any directory.
+  """
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  spec = importlib.util.spec_from_file_location("fp4jax_config_check", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _preflight(argv: list[str]) -> None:
+  """Exits with one line on a missing, unloadable or unknown --config."""
+  if any(a in ("-h", "--help", "--helpshort", "-?") for a in argv[1:]):
+    sys.stdout.write(_usage())
+    sys.exit(0)
+  spec = _config_spec(argv)
+  if not spec:
+    sys.exit("error: --config is required, e.g. --config=configs/demo.py "
+             "(every key is documented in configs/default.py)")
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    sys.exit(f"error: --config: no such file {path!r}")
+  try:
+    module = _load_config_module(path)
+  except SyntaxError as e:
+    sys.exit(f"error: --config {path}: syntax error at line {e.lineno}: "
+             f"{e.msg}")
+  except Exception as e:  # an import error inside the config file
+    sys.exit(f"error: --config {path} fails to load: {type(e).__name__}: "
+             f"{_first_line(e)}")
+  if not hasattr(module, "get_config"):
+    sys.exit(f"error: --config {path} has no get_config()")
+  try:
+    module.get_config(*([arg] if arg else []))
+  except Exception as e:  # unknown :arg, bad :arg value
+    sys.exit(f"error: --config={spec}: {type(e).__name__}: "
+             f"{_first_line(e)}")
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else repr(e)
+
+
+if __name__ == "__main__":
+  _preflight(sys.argv)
+
+# Imported after the preflight: `--help` and a bad --config answer at once.
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+from fp4jax import rundir  # pylint: disable=g-import-not-at-top
+from fp4jax import train  # pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.",
@@ -22,10 +116,8 @@ _TRACEBACK = flags.DEFINE_bool("traceback", False, "Full stack on errors.")
 
 def _unknown_key(argv: list[str]) -> str | None:
   """One line naming the first --config.a.b that the config file lacks."""
-  spec = next((a[9:] for a in argv if a.startswith("--config=")), "")
-  path, _, arg = spec.partition(":")
-  load = config_flags.config_flags._LoadConfigModule  # pylint: disable=W0212
-  node = cfg = load("config", path).get_config(*([arg] if arg else []))
+  path, _, arg = (_config_spec(argv) or "").partition(":")
+  cfg = _load_config_module(path).get_config(*([arg] if arg else []))
   for key in (a[9:].split("=")[0] for a in argv if a.startswith("--config.")):
     node, parts = cfg, key.split(".")
     for i, part in enumerate(parts):
@@ -38,10 +130,30 @@ def _unknown_key(argv: list[str]) -> str | None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+  _preflight(argv)   # also when main() is driven by a test
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
   except (KeyError, AttributeError) as e:  # config_flags on an unknown key
     sys.exit(f"error: {_unknown_key(argv) or e}")
+  except (ValueError, TypeError, flags.Error) as e:   # a malformed value
+    sys.exit(f"error: {_first_line(e)}")
+
+
+def _run(config, workdir: str) -> int:
+  try:
+    jax.config.update("jax_default_prng_impl", config.prng_impl)
+  except ValueError as e:
+    raise ValueError(f"config.prng_impl: {e}") from None
+  done = train.finished_step(config, workdir)
+  if done is not None:
+    logging.info("the run in %s already finished at step %d "
+                 "(num_steps=%d): nothing to do", workdir, done,
+                 config.num_steps)
+    print(f"already finished: {workdir} holds step {done} of "
+          f"{config.num_steps}", file=sys.stderr)
+    return 0
+  train.train_and_evaluate(config, workdir)
+  return 0
 
 
 def main(_) -> None:
@@ -49,16 +161,29 @@ def main(_) -> None:
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= std_logging.WARNING or r.pathname.startswith(
           os.path.dirname(train.__file__)))
+  codes = ((train.Stopped, None), (rundir.WorkdirBusy, EXIT_BUSY),
+           (train.NonFiniteError, EXIT_NONFINITE),
+           (train.TooManySkipped, EXIT_SKIPPED),
+           (ValueError, EXIT_ERROR), (OSError, EXIT_ERROR))
   try:
-    try:
-      jax.config.update("jax_default_prng_impl", _CONFIG.value.prng_impl)
-    except ValueError as e:
-      raise ValueError(f"config.prng_impl: {e}") from None
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, train.NonFiniteError) as e:
+    sys.exit(_run(_CONFIG.value, _WORKDIR.value))
+  except KeyboardInterrupt:   # Ctrl-C twice, or before the loop's handler
     if _TRACEBACK.value:
       raise
-    sys.exit(f"error: {e}")
+    print("aborted: interrupted (Ctrl-C); nothing saved since the last "
+          "checkpoint", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
+  except tuple(t for t, _ in codes) as e:
+    if _TRACEBACK.value:
+      raise
+    for kind, code in codes:
+      if isinstance(e, kind):
+        break
+    if isinstance(e, train.Stopped):
+      print(str(e), file=sys.stderr)
+      sys.exit(128 + e.signum)
+    print(f"error: {_first_line(e)}", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

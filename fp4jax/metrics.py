@@ -14,9 +14,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from absl import logging
 import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
+DROPPED_FILE = "metrics.dropped.jsonl"
 TB_DIR = "tb"
 
 
@@ -46,15 +48,42 @@ def _json_value(v: Any) -> Any:
   return v
 
 
-def _truncate_after(path: str, step: int) -> None:
-  """Rewrites a metrics.jsonl keeping records with "step" <= step."""
+def _trim(path: str, step: int | None) -> None:
+  """Keeps the records of metrics.jsonl with "step" <= step (None: none).
+
+  Records after `step` (written before an interruption, about to be
+  redone) and lines that do not parse (a line torn by a kill mid-write) are
+  moved to `metrics.dropped.jsonl` next to it, never deleted; each torn
+  line is logged with its number.
+  """
   with open(path) as f:
-    keep = [line for line in f
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    lines = f.readlines()
+  keep, drop = [], []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      record_step = int(record.get("step", 0))
+    except (ValueError, TypeError, AttributeError):
+      logging.warning("%s line %d is not a JSON record (torn by a kill?): "
+                      "moved to %s", path, number, DROPPED_FILE)
+      drop.append(line if line.endswith("\n") else line + "\n")
+      continue
+    (keep if step is not None and record_step <= step else drop).append(line)
+  if not drop:
+    return
+  dropped = os.path.join(os.path.dirname(path), DROPPED_FILE)
+  with open(dropped, "a") as f:
+    f.writelines(drop)
+    f.flush()
+    os.fsync(f.fileno())
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.writelines(keep)
   os.replace(tmp, path)   # atomic: a crash here loses nothing
+  logging.info("metrics: %d record(s) after step %s moved to %s", len(drop),
+               step if step is not None else "0 (fresh start)", DROPPED_FILE)
 
 
 class MetricWriter:
@@ -67,9 +96,10 @@ class MetricWriter:
     Args:
       workdir: the run directory.
       enabled: False on processes other than 0, so records are written once.
-      resume_step: the checkpoint step a resumed run restarts from: records
-        after it (written before the interruption, about to be redone) are
-        dropped from metrics.jsonl and purged from TensorBoard.
+      resume_step: the checkpoint step a resumed run restarts from (None:
+        a fresh start): records after it (written before the interruption,
+        about to be redone) are moved from metrics.jsonl to
+        metrics.dropped.jsonl and purged from TensorBoard.
     """
     self._enabled = enabled
     self._tb = None
@@ -77,8 +107,8 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, METRICS_FILE)
-    if resume_step is not None and os.path.exists(self.path):
-      _truncate_after(self.path, resume_step)
+    if os.path.exists(self.path):
+      _trim(self.path, resume_step)
     self._file = open(self.path, "a")
     # Imported here: the package works without TensorBoard installed.
     try:
@@ -88,7 +118,7 @@ class MetricWriter:
     if tensorboardX is not None:
       self._tb = tensorboardX.SummaryWriter(
           os.path.join(workdir, TB_DIR),
-          purge_step=None if resume_step is None else resume_step + 1)
+          purge_step=0 if resume_step is None else resume_step + 1)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Records `metrics` (nested dicts allowed) at `step`; returns them flat."""

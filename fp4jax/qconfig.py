@@ -21,6 +21,32 @@ COMPENSATIONS = ("none", "dense", "sparse")
 IMPLS = ("auto", "reference", "fast", "fp8")
 
 
+# Annotation word -> accepted Python types (bool is not a number here:
+# a config typo like dge_k=True must not become k = 1).
+_TYPE_WORDS = {"float": (float, int), "int": (int,), "str": (str,),
+               "bool": (bool,), "None": (type(None),)}
+
+
+def _check_field_types(obj: Any) -> None:
+  """One-line ValueError naming a field whose value has the wrong type.
+
+  Only fields annotated with plain scalars (float, int, str, bool, None
+  unions) are checked; others (operand configs) are checked by their own
+  class.
+  """
+  for f in dataclasses.fields(obj):
+    words = [w.strip() for w in str(f.type).split("|")]
+    if not all(w in _TYPE_WORDS for w in words):
+      continue
+    value = getattr(obj, f.name)
+    allowed = tuple(t for w in words for t in _TYPE_WORDS[w])
+    numeric = "bool" not in words and isinstance(value, bool)
+    if numeric or not isinstance(value, allowed):
+      raise ValueError(f"{type(obj).__name__}.{f.name} must be "
+                       f"{' or '.join(words)}, got {value!r} "
+                       f"({type(value).__name__})")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TensorQuant:
   """How one 2-D GEMM operand is quantized.
@@ -48,6 +74,7 @@ class TensorQuant:
   tensor_scale: bool = False
 
   def __post_init__(self):
+    _check_field_types(self)
     numerics.get_format(self.fmt)
     if self.rounding not in numerics.ROUNDING_MODES:
       raise ValueError(f"unknown rounding {self.rounding!r}; expected one of "
@@ -110,6 +137,7 @@ class Recipe:
   impl: str = "auto"
 
   def __post_init__(self):
+    _check_field_types(self)
     if self.dge_k is not None and not self.dge_k > 1:
       raise ValueError(f"dge_k must be > 1 (or None for STE), got "
                        f"{self.dge_k!r}")

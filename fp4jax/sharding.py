@@ -314,6 +314,12 @@ def check_divisible(abstract_params: Any, mesh: Mesh,
             f"{shape[dim]}) is not divisible by mesh axes {axes} "
             f"(size {size})")
       block = (blocks or {}).get(path_str(path), {}).get(dim, 0)
+      if block and shape[dim] % block:
+        raise ValueError(
+            f"param {path_str(path)} dim {dim} ({names[dim]!r}, size "
+            f"{shape[dim]}) is not a multiple of the recipe's quantization "
+            f"block {block} ({shape[dim]} % {block} = {shape[dim] % block}); "
+            f"pick model sizes that are multiples of {block}")
       if block and (shape[dim] // size) % block:
         raise ValueError(
             f"param {path_str(path)} dim {dim}: quantization blocks of "

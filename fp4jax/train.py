@@ -2,7 +2,16 @@
 
 Owns: `train_and_evaluate` (turns the ConfigDict into LlamaConfig, quant
 rules, OptimConfig, mesh and input iterators once; resumes or initialises
-the state; runs, logs, evaluates and checkpoints), and `NonFiniteError`.
+the state; runs, logs, evaluates and checkpoints), `finished_step`, and the
+ways a run ends other than finishing: `NonFiniteError`, `Stopped` (a stop
+signal, after saving) and `TooManySkipped`.
+
+Start order (each stage only after the one before passed): every config
+check that needs no data (loop keys, schedule, recipe, mesh, model shape
+and its fit to the mesh, the workdir's config.json); the workdir is usable;
+the workdir is locked (`fp4jax.rundir`); the data stage (may write the
+tokenizer and prepared data, removed again if the start fails); the steps
+are compiled; only then config.json, checkpoints and metrics are written.
 The pure step functions live in `fp4jax.train_state`, metric records in
 `fp4jax.metrics`, FLOP counts in `fp4jax.flops`.
 
@@ -12,6 +21,8 @@ fp4jax.main.
 
 import dataclasses
 import functools
+import json
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -30,6 +41,7 @@ from fp4jax import metrics as metrics_lib
 from fp4jax import optim
 from fp4jax import qconfig
 from fp4jax import qdot
+from fp4jax import rundir
 from fp4jax import sharding
 from fp4jax import sizes
 from fp4jax import train_state
@@ -42,6 +54,48 @@ _make_trainer = functools.lru_cache(maxsize=2)(train_state.make_trainer)
 
 class NonFiniteError(FloatingPointError):
   """A step produced a NaN/inf loss or gradient norm (skip_nonfinite=False)."""
+
+
+class Stopped(Exception):
+  """A stop signal (SIGTERM, SIGINT) ended the run early; resumable.
+
+  Attributes:
+    signum: the signal.
+    step: the step the run stopped at.
+    saved: whether a checkpoint of `step` was written.
+  """
+
+  def __init__(self, signum: int, step: int, saved: bool):
+    import signal as signal_lib  # pylint: disable=g-import-not-at-top
+    name = signal_lib.Signals(signum).name
+    where = (f"checkpoint of step {step} saved" if saved else
+             "no new checkpoint")
+    super().__init__(f"stopped by {name} at step {step} ({where}); run the "
+                     f"same command to resume")
+    self.signum, self.step, self.saved = signum, step, saved
+
+
+class TooManySkipped(Exception):
+  """The run finished but skipped more steps than config.max_skipped_fraction."""
+
+
+def finished_step(config, workdir: str) -> int | None:
+  """The step a finished run in `workdir` ended at, else None. Writes nothing.
+
+  Finished: its config.json describes the same `model` section and it holds
+  a complete checkpoint at or after config.num_steps.
+  """
+  path = os.path.join(workdir, checkpoint.CONFIG_FILE)
+  if not os.path.isfile(path):
+    return None
+  saved = checkpoint.read_run_info(workdir)
+  if saved.get("config", {}).get("model") != json.loads(
+      json.dumps(config.model.to_dict())):
+    return None
+  steps = checkpoint.complete_steps(workdir)
+  if steps and steps[-1] >= config.num_steps:
+    return steps[-1]
+  return None
 
 
 def model_config(model: Mapping[str, Any], data_vocab: int
@@ -87,7 +141,13 @@ def quant_rules(quant: Mapping[str, Any]
   Raises:
     ValueError: unknown recipe, override, or malformed rule.
   """
-  recipe = qdot.get_recipe(quant["recipe"], **dict(quant["overrides"]))
+  try:
+    recipe = qdot.get_recipe(quant["recipe"], **dict(quant["overrides"]))
+  except ValueError as e:
+    if not quant["overrides"]:
+      raise
+    raise ValueError(f"quant.overrides={dict(quant['overrides'])!r} on "
+                     f"recipe {quant['recipe']!r}: {e}") from None
   if not quant["rules"]:
     return tuple(qconfig.default_rules(recipe)), recipe
   rules = []
@@ -112,6 +172,10 @@ def _check_loop_keys(config) -> None:
     value = config[key]
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
       raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+  share = config.max_skipped_fraction
+  if isinstance(share, bool) or not 0 <= share <= 1:
+    raise ValueError(f"max_skipped_fraction must be in [0, 1], got "
+                     f"{share!r}")
 
 
 def quant_table_lines(table: Mapping[str, str]) -> list[str]:
@@ -195,9 +259,14 @@ def train_and_evaluate(config, workdir: str, *,
     The final TrainState.
 
   Raises:
-    ValueError: one line naming the config key or workdir that is invalid;
-      raised before anything in the workdir is written.
+    ValueError / FileNotFoundError: one line naming the config key, file or
+      workdir that is invalid; a start failing so leaves the workdir as it
+      found it.
+    rundir.WorkdirBusy: another live run holds the workdir.
     NonFiniteError: a non-finite loss / grad norm with skip_nonfinite=False.
+    Stopped: SIGTERM / SIGINT arrived; a checkpoint was saved first.
+    TooManySkipped: the run finished but skipped more than
+      config.max_skipped_fraction of its steps.
   """
   _check_loop_keys(config)
   num_steps = config.num_steps
@@ -208,53 +277,92 @@ def train_and_evaluate(config, workdir: str, *,
   seed = config.data.shuffle_seed
   seed = config.seed if seed < 0 else seed
   pidx, pcount = jax.process_index(), jax.process_count()
-  train_it = data.make_input(config.data, split="train", seed=seed,
-                             process_index=pidx, process_count=pcount,
-                             workdir=workdir)
-  val_it = None
-  if config.eval_steps:
-    val_it = data.make_input(config.data, split="val", seed=seed,
-                             process_index=pidx, process_count=pcount,
-                             workdir=workdir)
-  model_cfg = model_config(config.model.to_dict(), train_it.vocab_size)
+  # Every text source's tokenizer has exactly data.vocab_size pieces (a
+  # trained one by construction, a given one is checked), and synthetic
+  # tokens use it too: the model is built and checked before the data.
+  model_cfg = model_config(config.model.to_dict(), config.data.vocab_size)
   run_info = {"model": dataclasses.asdict(model_cfg),
               "quant": {"recipe": recipe.name,
                         "overrides": dict(config.quant.overrides),
                         "rules": [list(r) for r in config.quant.rules]},
               "config": config.to_dict()}
+  rundir.check_usable(workdir)
   checkpoint.check_run_info(workdir, run_info)
-  trainer = _make_trainer(
-      model_cfg, rules, optim_cfg, num_steps=num_steps, mesh=mesh,
-      global_batch=config.data.global_batch, seq_len=config.data.seq_len,
-      seed=config.seed, skip_nonfinite=config.skip_nonfinite,
-      segment_ids=config.data.segment_ids, metrics_fn=metrics_fn,
-      telemetry_on=config.telemetry_every > 0)
-  # Everything is validated: from here on the workdir may be written.
-  checkpoint.write_run_info(workdir, run_info)
-  ckpt = checkpoint.Checkpointer(workdir, every=config.checkpoint_every,
-                                 keep=config.keep_checkpoints)
-  writer = metrics_lib.MetricWriter(workdir, enabled=pidx == 0,
-                                    resume_step=ckpt.latest_step())
-  try:
-    return _loop(config, trainer, ckpt, writer, train_it, val_it,
-                 stop_at_step)
-  finally:
-    ckpt.close()
-    writer.close()
+  train_state.check_fit(model_cfg, rules, mesh=mesh,
+                        global_batch=config.data.global_batch,
+                        seq_len=config.data.seq_len)
+  with rundir.Claim(workdir, artefacts=data.WORKDIR_FILES) as claim, \
+      checkpoint.stop_flag() as flag:
+    train_it = data.make_input(config.data, split="train", seed=seed,
+                               process_index=pidx, process_count=pcount,
+                               workdir=workdir)
+    val_it = None
+    if config.eval_steps:
+      val_it = data.make_input(config.data, split="val", seed=seed,
+                               process_index=pidx, process_count=pcount,
+                               workdir=workdir)
+    if train_it.vocab_size > model_cfg.vocab_size:
+      raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller "
+                       f"than the data's vocabulary ({train_it.vocab_size})")
+    trainer = _make_trainer(
+        model_cfg, rules, optim_cfg, num_steps=num_steps, mesh=mesh,
+        global_batch=config.data.global_batch, seq_len=config.data.seq_len,
+        seed=config.seed, skip_nonfinite=config.skip_nonfinite,
+        segment_ids=config.data.segment_ids, metrics_fn=metrics_fn,
+        telemetry_on=config.telemetry_every > 0)
+    # Everything is validated: from here on the workdir may be written.
+    claim.commit()
+    checkpoint.write_run_info(workdir, run_info)
+    ckpt = checkpoint.Checkpointer(workdir, every=config.checkpoint_every,
+                                   keep=config.keep_checkpoints)
+    try:
+      restored = ckpt.restore_latest(trainer.abstract_state)
+      writer = metrics_lib.MetricWriter(
+          workdir, enabled=pidx == 0,
+          resume_step=None if restored is None else restored[0])
+      try:
+        state, stop = _loop(config, trainer, ckpt, writer, train_it, val_it,
+                            stop_at_step, restored, flag)
+      finally:
+        writer.close()
+    finally:
+      ckpt.close()
+  step = int(jax.device_get(state.step))
+  if stop is not None:
+    raise Stopped(stop, step, saved=step in ckpt.all_steps())
+  _check_skipped(config, state, step)
+  return state
 
 
-def _loop(config, trainer, ckpt, writer, train_it, val_it, stop_at_step):
+def _check_skipped(config, state, step: int) -> None:
+  if step < config.num_steps or not config.skip_nonfinite:
+    return
+  skipped = int(jax.device_get(state.skipped))
+  if skipped > config.max_skipped_fraction * config.num_steps:
+    raise TooManySkipped(
+        f"{skipped} of {config.num_steps} steps were skipped as non-finite "
+        f"({100 * skipped / config.num_steps:.1f}% > max_skipped_fraction="
+        f"{config.max_skipped_fraction}); the run is saved but suspect")
+
+
+def _loop(config, trainer, ckpt, writer, train_it, val_it, stop_at_step,
+          restored, flag):
+  """Runs steps to num_steps / stop_at_step / a stop signal.
+
+  Returns:
+    (the final state, the stop signal's number or None).
+  """
   num_steps = config.num_steps
   logging.info("model %s: %s, %d parameters", config.model.size,
                trainer.model_cfg, sizes.param_count(trainer.model_cfg))
   logging.info("quantization (projection -> recipe):\n%s",
                "\n".join(quant_table_lines(trainer.quant_table)))
-  latest = ckpt.latest_step()
-  if latest is None:
+  latest = None if restored is None else restored[0]
+  if restored is None:
     state = trainer.init()
     logging.info("initialised a fresh state")
   else:
-    state, data_state = ckpt.restore(trainer.abstract_state, latest)
+    latest, state, data_state = restored
     train_it.set_state(data_state)
     logging.info("resumed from step %d (%s)", latest, ckpt.directory)
   val_start = val_it.get_state() if val_it is not None else None
@@ -275,57 +383,59 @@ def _loop(config, trainer, ckpt, writer, train_it, val_it, stop_at_step):
   kind = trainer.mesh.devices.flat[0].device_kind
   window: list[tuple[int, dict[str, Any]]] = []
   t_last = time.perf_counter()
-  with checkpoint.sigterm_flag() as flag:
-    while step < num_steps:
-      batch = trainer.put_batch(next(train_it))
-      tele = None
-      if config.telemetry_every and (step + 1) % config.telemetry_every == 0:
-        # The stats of the batch this step trains on, at the params it
-        # starts from; timed apart from the step.
-        t_tele = time.perf_counter()
-        tele = jax.device_get(trainer.telemetry_step(state.params, state.rng,
-                                                     batch))
-        tele["telemetry_seconds"] = time.perf_counter() - t_tele
-        t_last += tele["telemetry_seconds"]
-      state, m = trainer.train_step(state, batch)
-      step += 1
-      window.append((step, m))
-      is_eval = val_it is not None and (
-          step == num_steps or (config.eval_every and
-                                step % config.eval_every == 0))
-      boundary = (step % config.log_every == 0 or step == num_steps or
-                  tele is not None or
-                  step % config.checkpoint_every == 0 or is_eval or
-                  step == stop_at_step)
-      stop = _stop_requested(flag, boundary) or step == stop_at_step
-      if not (boundary or stop):
-        continue
-      summary = _summarize(window, config.skip_nonfinite, ckpt.directory,
-                           ckpt.latest_step())
-      elapsed = time.perf_counter() - t_last
-      step_time = elapsed / len(window)
-      summary.update(
-          step_time=step_time, tokens_per_sec=tokens_per_step / step_time,
-          skipped_total=int(jax.device_get(state.skipped)),
-          eta_sec=step_time * (num_steps - step))
-      summary["mfu"] = flops.mfu(summary["tokens_per_sec"], flops_token,
-                                 devices, kind)
-      if summary["mfu"] is None:
-        del summary["mfu"]
-      window = []
-      if is_eval:
-        summary["val_loss"] = _evaluate(trainer, state, val_it, val_start,
-                                        config.eval_steps)
-      if tele is not None:
-        summary.update(tele)
-      if (step % config.log_every == 0 or is_eval or step == num_steps or
-          stop or tele is not None):
-        writer.write(step, summary)
-        logging.info("%s", metrics_lib.console_line(step, num_steps, summary))
-      ckpt.save(step, state, train_it.get_state(),
-                force=stop or step == num_steps)
-      t_last = time.perf_counter()
-      if stop:
-        logging.info("stopping at step %d (checkpoint saved)", step)
-        break
-  return state
+  stop_signal = None
+  while step < num_steps:
+    batch = trainer.put_batch(next(train_it))
+    tele = None
+    if config.telemetry_every and (step + 1) % config.telemetry_every == 0:
+      # The stats of the batch this step trains on, at the params it
+      # starts from; timed apart from the step.
+      t_tele = time.perf_counter()
+      tele = jax.device_get(trainer.telemetry_step(state.params, state.rng,
+                                                   batch))
+      tele["telemetry_seconds"] = time.perf_counter() - t_tele
+      t_last += tele["telemetry_seconds"]
+    state, m = trainer.train_step(state, batch)
+    step += 1
+    window.append((step, m))
+    is_eval = val_it is not None and (
+        step == num_steps or (config.eval_every and
+                              step % config.eval_every == 0))
+    boundary = (step % config.log_every == 0 or step == num_steps or
+                tele is not None or
+                step % config.checkpoint_every == 0 or is_eval or
+                step == stop_at_step)
+    stop = _stop_requested(flag, boundary) or step == stop_at_step
+    if not (boundary or stop):
+      continue
+    summary = _summarize(window, config.skip_nonfinite, ckpt.directory,
+                         ckpt.latest_step())
+    elapsed = time.perf_counter() - t_last
+    step_time = elapsed / len(window)
+    summary.update(
+        step_time=step_time, tokens_per_sec=tokens_per_step / step_time,
+        skipped_total=int(jax.device_get(state.skipped)),
+        eta_sec=step_time * (num_steps - step))
+    summary["mfu"] = flops.mfu(summary["tokens_per_sec"], flops_token,
+                               devices, kind)
+    if summary["mfu"] is None:
+      del summary["mfu"]
+    window = []
+    if is_eval:
+      summary["val_loss"] = _evaluate(trainer, state, val_it, val_start,
+                                      config.eval_steps)
+    if tele is not None:
+      summary.update(tele)
+    if (step % config.log_every == 0 or is_eval or step == num_steps or
+        stop or tele is not None):
+      writer.write(step, summary)
+      logging.info("%s", metrics_lib.console_line(step, num_steps, summary))
+    ckpt.save(step, state, train_it.get_state(),
+              force=stop or step == num_steps)
+    t_last = time.perf_counter()
+    if stop:
+      if flag.is_set() and step < num_steps:
+        stop_signal = flag.signum
+      logging.info("stopping at step %d (checkpoint saved)", step)
+      break
+  return state, stop_signal

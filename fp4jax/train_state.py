@@ -301,6 +301,38 @@ def _scale_projection_updates(updates, optim_cfg, proj_mask):
       proj_mask(updates))
 
 
+def check_fit(model_cfg: llama.LlamaConfig,
+              quant_rules: Sequence[tuple[str, Any]] | None, *,
+              mesh: jax.sharding.Mesh, global_batch: int, seq_len: int,
+              logical_rules: sharding.Rules = sharding.LOGICAL_RULES) -> None:
+  """Checks that the model, batch and sequence fit the mesh; compiles nothing.
+
+  The checks of `make_trainer` that need no compilation (shapes only, by
+  `nnx.eval_shape`), so a run can reject a bad config before its data stage.
+
+  Raises:
+    ValueError: naming the config key when batch, sequence or parameter
+      dims do not fit the mesh or model.
+  """
+  if seq_len > model_cfg.max_seq_len:
+    raise ValueError(f"data.seq_len={seq_len} exceeds the model's "
+                     f"max_seq_len={model_cfg.max_seq_len}")
+  batch_sh = sharding.batch_sharding(mesh, logical_rules)
+  batch_ways = 1
+  for axes in batch_sh.spec[:1]:
+    for a in (axes,) if isinstance(axes, str) else tuple(axes or ()):
+      batch_ways *= mesh.shape[a]
+  if global_batch % batch_ways:
+    raise ValueError(f"data.global_batch={global_batch} is not divisible by "
+                     f"the {batch_ways} batch shards of the mesh "
+                     f"{dict(mesh.shape)}")
+  abstract_model = nnx.eval_shape(lambda: llama.Llama(
+      model_cfg, rules=quant_rules, rngs=nnx.Rngs(params=jax.random.key(0))))
+  _, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
+  sharding.check_divisible(abstract_params, mesh, logical_rules,
+                           blocks=_weight_blocks(model_cfg, quant_rules))
+
+
 def make_trainer(model_cfg: llama.LlamaConfig,
                  quant_rules: Sequence[tuple[str, Any]] | None,
                  optim_cfg: Any, *, num_steps: int, mesh: jax.sharding.Mesh,
@@ -333,18 +365,9 @@ def make_trainer(model_cfg: llama.LlamaConfig,
     ValueError: naming the config key when batch, sequence or parameter
       dims do not fit the mesh or model.
   """
-  if seq_len > model_cfg.max_seq_len:
-    raise ValueError(f"data.seq_len={seq_len} exceeds the model's "
-                     f"max_seq_len={model_cfg.max_seq_len}")
+  check_fit(model_cfg, quant_rules, mesh=mesh, global_batch=global_batch,
+            seq_len=seq_len, logical_rules=logical_rules)
   batch_sh = sharding.batch_sharding(mesh, logical_rules)
-  batch_ways = 1
-  for axes in batch_sh.spec[:1]:
-    for a in (axes,) if isinstance(axes, str) else tuple(axes or ()):
-      batch_ways *= mesh.shape[a]
-  if global_batch % batch_ways:
-    raise ValueError(f"data.global_batch={global_batch} is not divisible by "
-                     f"the {batch_ways} batch shards of the mesh "
-                     f"{dict(mesh.shape)}")
   tx = optim.make_optimizer(optim_cfg, num_steps,
                             fp8_grad_mask(model_cfg, quant_rules))
   schedule = optim.make_schedule(optim_cfg, num_steps)
@@ -363,12 +386,10 @@ def make_trainer(model_cfg: llama.LlamaConfig,
                       skipped=jnp.zeros([], jnp.int32))
 
   abstract_model = nnx.eval_shape(lambda: build_model(jax.random.key(0)))
-  graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+  graphdef, _, rest = nnx.split(abstract_model, nnx.Param, ...)
   if jax.tree.leaves(rest):
     raise NotImplementedError("model state other than nnx.Param is not "
                               f"supported: {rest}")
-  sharding.check_divisible(abstract_params, mesh, logical_rules,
-                           blocks=_weight_blocks(model_cfg, quant_rules))
   abstract = jax.eval_shape(init)
   replicated = NamedSharding(mesh, PartitionSpec())
   state_sh = sharding.state_shardings(abstract, mesh, logical_rules)

@@ -152,13 +152,17 @@ def test_workdir_of_another_model_is_rejected_untouched(tmp_path):
   assert (tmp_path / checkpoint.CONFIG_FILE).read_text() == text
 
 
-def test_sigterm_sets_the_flag_and_restores_the_handler():
-  previous = signal.getsignal(signal.SIGTERM)
-  with checkpoint.sigterm_flag() as flag:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signals_set_the_flag_and_restore_the_handlers(signum):
+  previous = {s: signal.getsignal(s) for s in checkpoint.STOP_SIGNALS}
+  with checkpoint.stop_flag() as flag:
     assert not flag.is_set()
-    signal.raise_signal(signal.SIGTERM)
-    assert flag.is_set()
-  assert signal.getsignal(signal.SIGTERM) is previous
+    signal.raise_signal(signum)
+    assert flag.is_set() and flag.signum == signum
+    if signum == signal.SIGINT:   # Ctrl-C twice aborts at once
+      with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+  assert {s: signal.getsignal(s) for s in checkpoint.STOP_SIGNALS} == previous
 
 
 @pytest.mark.slow
@@ -180,7 +184,8 @@ def test_main_saves_and_exits_cleanly_on_sigterm(tmp_path):
     time.sleep(0.5)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, out
+  assert proc.returncode == 128 + signal.SIGTERM, out   # preempted, saved
+  assert out.strip().splitlines()[-1].startswith("stopped by SIGTERM at step")
   last = json.loads(metrics_file.read_text().splitlines()[-1])["step"]
   assert 0 < last < 500
   steps = [int(p.name) for p in (workdir / "checkpoints").iterdir()]

@@ -355,7 +355,9 @@ def test_unknown_source_names_the_key():
 @pytest.mark.slow
 def test_skip_nonfinite_end_to_end_counts_skips(monkeypatch, tmp_path):
   monkeypatch.setitem(data.SOURCES, "nan_at_2", __name__)
-  cfg = _config(**{"data.source": "nan_at_2", "skip_nonfinite": True})
+  # 1 of 4 steps skipped: exactly the allowed share.
+  cfg = _config(**{"data.source": "nan_at_2", "skip_nonfinite": True,
+                   "max_skipped_fraction": 0.25})
   state = train.train_and_evaluate(cfg, str(tmp_path))
   assert int(state.step) == 4 and int(state.skipped) == 1
   records = {r["step"]: r for r in _records(tmp_path)}

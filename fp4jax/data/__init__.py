@@ -22,6 +22,10 @@ grain, or fp4jax modules right of `data` (checkpoint, train, main).
 import importlib
 from typing import Any
 
+# What a source may write into the run directory (before training starts):
+# a start that then fails removes those of them it created (fp4jax.rundir).
+WORKDIR_FILES = ("tokenizer.model", "tokenizer.json", "tfds")
+
 # data.source -> module implementing `make_input`.
 SOURCES: dict[str, str] = {
     "synthetic": "fp4jax.data.synthetic",

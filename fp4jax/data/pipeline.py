@@ -55,6 +55,10 @@ from fp4jax.data import stdlib_corpus
 from fp4jax.data import tokenizer as tokenizer_lib
 
 SPLITS = ("train", "val")
+# Kept in the workdir (listed in fp4jax.data.WORKDIR_FILES with the
+# tokenizer's provenance record).
+TOKENIZER_FILE = "tokenizer.model"
+TFDS_DIR = "tfds"
 STATE_VERSION = 1
 
 
@@ -308,7 +312,7 @@ def make_input(data_cfg: Any, *, split: str, seed: int,
   if data_cfg.source in ("text_files", "stdlib"):
     spec = _corpus_spec(data_cfg)
     data_dir = (data_cfg.tfds_data_dir or
-                (os.path.join(workdir, "tfds") if workdir else
+                (os.path.join(workdir, TFDS_DIR) if workdir else
                  builders.default_data_dir()))
     builder = builders.prepare_corpus(spec, data_dir)
     records = builders.corpus_source(builder, split)
@@ -328,7 +332,7 @@ def make_input(data_cfg: Any, *, split: str, seed: int,
   else:
     raise ValueError(f"data.source={data_cfg.source!r} is not a text source")
   vocab = data_cfg.vocab_size
-  store = (os.path.join(workdir, "tokenizer.model") if workdir else
+  store = (os.path.join(workdir, TOKENIZER_FILE) if workdir else
            os.path.join(data_dir, "tokenizers", f"{name}_bpe{vocab}.model"))
 
   def sample() -> Iterator[str]:
@@ -337,7 +341,9 @@ def make_input(data_cfg: Any, *, split: str, seed: int,
 
   tok = tokenizer_lib.get_tokenizer(
       vocab_size=vocab, model_path=data_cfg.tokenizer_model,
-      store_path=store, sample=sample())
+      store_path=store, sample=sample(),
+      built_from={"data": name,
+                  "train_chars": data_cfg.tokenizer_train_chars})
   it = PackedInput(
       records, tokenizer=tok, seq_len=data_cfg.seq_len,
       batch=data_cfg.global_batch // process_count, split=split, seed=seed,

@@ -4,7 +4,10 @@ Owns: the tokenizer model of a run. Either `data.tokenizer_model` (an
 existing .model file, e.g. LLaMA's) or a BPE model with `data.vocab_size`
 pieces trained on a bounded sample of the train split and stored as
 `<workdir>/tokenizer.model` (reused on restart; a restart asking for another
-vocab size is an error).
+vocab size is an error). Next to a trained model, `<name>.json` records what
+it was built from (data identity, vocab size, sample size); a stored model
+is reused only when that record matches the configured data, so a tokenizer
+left by a start on another corpus is refused, never silently reused.
 
 Trained models are lossless: identity normalization, no whitespace
 collapsing, whitespace-only pieces allowed, byte fallback (any character
@@ -26,9 +29,11 @@ fp4jax modules.
 import hashlib
 import io
 import itertools
+import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from absl import logging
 import numpy as np
@@ -156,8 +161,40 @@ def _write_atomic(path: str, data: bytes) -> None:
   os.replace(tmp, path)   # several processes may train the same model
 
 
+def provenance_path(store_path: str) -> str:
+  """The JSON record of what the model at `store_path` was built from."""
+  return os.path.splitext(store_path)[0] + ".json"
+
+
+def _check_provenance(store_path: str, built_from: Mapping[str, Any]) -> None:
+  record_path = provenance_path(store_path)
+  if not os.path.exists(record_path):
+    # Written before the model, so only a model from before these records
+    # lacks one: it cannot be verified, only reported.
+    logging.warning("tokenizer: %s has no %s record; cannot verify it was "
+                    "built from this data", store_path,
+                    os.path.basename(record_path))
+    return
+  try:
+    with open(record_path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"tokenizer record {record_path} is unreadable "
+                     f"({type(e).__name__}); delete it and "
+                     f"{os.path.basename(store_path)} to retrain") from None
+  current = json.loads(json.dumps(dict(built_from)))
+  for key in sorted(current):
+    if saved.get(key) != current[key]:
+      raise ValueError(
+          f"the stored tokenizer {store_path} was built from {key}="
+          f"{saved.get(key)!r}, not the configured {current[key]!r}; use a "
+          f"new --workdir (or delete {os.path.basename(store_path)} and "
+          f"{os.path.basename(record_path)} to retrain)")
+
+
 def get_tokenizer(*, vocab_size: int, model_path: str, store_path: str,
-                  sample: Iterable[str]) -> Tokenizer:
+                  sample: Iterable[str],
+                  built_from: Mapping[str, Any] | None = None) -> Tokenizer:
   """The run's tokenizer: loaded, reused from `store_path`, or trained.
 
   Args:
@@ -165,12 +202,17 @@ def get_tokenizer(*, vocab_size: int, model_path: str, store_path: str,
     model_path: data.tokenizer_model ("" = none: reuse or train).
     store_path: where a trained model is kept (e.g. workdir/tokenizer.model).
     sample: training lines, consumed only when a model is trained.
+    built_from: JSON-able identity of the training data (e.g. {"data":
+      corpus name, "train_chars": n}); recorded next to a trained model and
+      required to match for a stored one to be reused.
 
   Raises:
     FileNotFoundError: data.tokenizer_model is missing.
     ValueError: one line: the loaded / stored model's vocabulary differs
-      from data.vocab_size, or training fails.
+      from data.vocab_size, a stored model was built from other data, or
+      training fails.
   """
+  built_from = {**(built_from or {}), "vocab_size": vocab_size}
   if model_path:
     tok = Tokenizer.load(model_path)
     if vocab_size != tok.vocab_size:
@@ -186,11 +228,15 @@ def get_tokenizer(*, vocab_size: int, model_path: str, store_path: str,
                        f"tokenizer {store_path!r} of this run has "
                        f"{tok.vocab_size} pieces; keep data.vocab_size="
                        f"{tok.vocab_size} or use a new workdir")
+    _check_provenance(store_path, built_from)
     logging.info("tokenizer: reusing %s (%d pieces)", store_path,
                  tok.vocab_size)
     return tok
   logging.info("tokenizer: training a %d-piece BPE model", vocab_size)
   proto = train_bpe(sample, vocab_size)
+  # The record first: a model file never exists without its record.
+  _write_atomic(provenance_path(store_path),
+                json.dumps(built_from, indent=2, sort_keys=True).encode())
   _write_atomic(store_path, proto)
   logging.info("tokenizer: stored %s", store_path)
   return Tokenizer(proto, path=store_path)

@@ -1,0 +1,153 @@
+"""The run directory as a transaction: checked, locked, rolled back on failure.
+
+Owns: the checks that a workdir can be used (a directory or creatable, and
+writable), the exclusive lock a run holds on it (`<workdir>/.lock`, so a
+double-submitted job cannot interleave with the first), and the rollback of
+what a start created before it failed.
+
+A start claims its workdir in three phases:
+  1. `check_usable` (nothing written);
+  2. `Claim.__enter__`: takes the lock (creating the workdir if needed); the
+     data stage may now write its derived files (tokenizer, prepared data);
+  3. `Claim.commit()` once every check has passed (the train loop writes
+     config.json, checkpoints and metrics from then on).
+If the block raises before `commit()`, the files this start created are
+removed again (those that existed before it are never touched), so a failed
+start leaves the workdir as it found it and the next start trusts nothing
+it did not verify.
+
+The lock is an `fcntl.flock` on `<workdir>/.lock`: the kernel drops it when
+the holder dies, so a lock of a killed run is never stale. The file holds
+the holder's pid and host, for the message the second run prints. Local and
+NFSv4 file systems honour flock; others may not.
+
+Must not import: jax, ml_collections, or other fp4jax modules.
+"""
+
+import datetime
+import fcntl
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Sequence
+
+LOCK_FILE = ".lock"
+
+
+class WorkdirBusy(RuntimeError):
+  """Another live process holds the workdir's lock."""
+
+
+def check_usable(workdir: str) -> None:
+  """Checks that `workdir` is, or can be created as, a writable directory.
+
+  Writes nothing: writability is probed with an anonymous temporary file in
+  the nearest existing directory (deleted on close, never linked).
+
+  Raises:
+    ValueError: one line naming --workdir and the problem.
+  """
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"--workdir {workdir} is a file, not a directory")
+  probe = path
+  while not os.path.isdir(probe):
+    parent = os.path.dirname(probe)
+    if os.path.exists(probe):   # an ancestor that is a file
+      raise ValueError(f"--workdir {workdir}: {probe} is a file, not a "
+                       f"directory")
+    probe = parent
+  try:
+    with tempfile.TemporaryFile(dir=probe):
+      pass
+  except OSError as e:
+    raise ValueError(f"--workdir {workdir} is not writable: cannot create "
+                     f"files in {probe} ({e.strerror or e})") from None
+
+
+def holder(workdir: str) -> str:
+  """The lock file's "pid P on host H since T" line ("" if none)."""
+  try:
+    with open(os.path.join(workdir, LOCK_FILE)) as f:
+      return f.read().strip()
+  except OSError:
+    return ""
+
+
+class Claim:
+  """Exclusive use of a workdir, rolled back unless committed.
+
+  Usage:
+    with rundir.Claim(workdir, artefacts=("tokenizer.model", "tfds")) as c:
+      ... prepare data (may write the artefacts) ...
+      c.commit()
+      ... train ...
+  """
+
+  def __init__(self, workdir: str, *, artefacts: Sequence[str] = ()):
+    """Args:
+      workdir: the run directory.
+      artefacts: names inside the workdir a start may create before
+        `commit()`; those it created are removed if it fails.
+    """
+    self.workdir = os.path.abspath(workdir)
+    self._artefacts = tuple(artefacts)
+    self._fd: int | None = None
+    self._committed = False
+    self._created_dir = False
+    self._existing: set[str] = set()
+
+  def __enter__(self) -> "Claim":
+    self._created_dir = not os.path.isdir(self.workdir)
+    self._existing = {a for a in self._artefacts + (LOCK_FILE,)
+                      if os.path.lexists(os.path.join(self.workdir, a))}
+    os.makedirs(self.workdir, exist_ok=True)
+    fd = os.open(os.path.join(self.workdir, LOCK_FILE),
+                 os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      who = holder(self.workdir) or "another process"
+      raise WorkdirBusy(f"workdir {self.workdir} is in use by {who}; wait "
+                        f"for that run to end or use another --workdir"
+                        ) from None
+    since = datetime.datetime.now().isoformat(timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since "
+                 f"{since}\n".encode())
+    self._fd = fd
+    return self
+
+  def commit(self) -> None:
+    """Every check passed: what was written stays, even if training fails."""
+    self._committed = True
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    try:
+      if exc_type is not None and not self._committed:
+        self._rollback()
+    finally:
+      if self._fd is not None:
+        # The file stays after a run (unlinking it would let a third process
+        # lock a new inode while a second still holds the old one); only a
+        # failed start that created it removes it, as it removes the rest.
+        if (exc_type is not None and not self._committed and
+            LOCK_FILE not in self._existing):
+          os.remove(os.path.join(self.workdir, LOCK_FILE))
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+      if exc_type is not None and not self._committed and self._created_dir:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+  def _rollback(self) -> None:
+    for name in self._artefacts:
+      if name in self._existing:
+        continue
+      path = os.path.join(self.workdir, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      elif os.path.lexists(path):
+        os.remove(path)
