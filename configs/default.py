@@ -60,6 +60,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.grad_fp8 = False    # quantized projections' grads to FP8 E4M3
   c.optim.proj_lr_scale = 1.0  # LR factor of the block projection kernels
 
+  c.distributed = ml_collections.ConfigDict()   # see fp4jax/distributed.py
+  c.distributed.coordinator_address = ""  # process 0's host:port; "" = auto
+  c.distributed.num_processes = 0     # processes in the run; 0 = auto / 1
+  c.distributed.process_id = -1       # this process's index; -1 = auto
+  c.distributed.local_device_ids = ""  # e.g. "0,1"; "" = all visible
+  c.distributed.timeout_s = 120       # wait for the coordinator at most
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1            # data-parallel size; -1 = devices left over
   c.mesh.fsdp = 1             # parameter-sharding (ZeRO-3) size

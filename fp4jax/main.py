@@ -105,6 +105,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
+from fp4jax import distributed  # pylint: disable=g-import-not-at-top
 from fp4jax import rundir  # pylint: disable=g-import-not-at-top
 from fp4jax import train  # pylint: disable=g-import-not-at-top
 
@@ -140,17 +141,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def _run(config, workdir: str) -> int:
+  distributed.initialize(config.distributed)   # before any device is used
+  if jax.process_index() > 0:
+    # One console: other processes speak only at WARNING and above.
+    logging.set_verbosity(logging.WARNING)
   try:
     jax.config.update("jax_default_prng_impl", config.prng_impl)
   except ValueError as e:
     raise ValueError(f"config.prng_impl: {e}") from None
   done = train.finished_step(config, workdir)
-  if done is not None:
+  if done is not None and jax.process_index() == 0:
     logging.info("the run in %s already finished at step %d "
                  "(num_steps=%d): nothing to do", workdir, done,
                  config.num_steps)
     print(f"already finished: {workdir} holds step {done} of "
           f"{config.num_steps}", file=sys.stderr)
+  if done is not None:
     return 0
   train.train_and_evaluate(config, workdir)
   return 0

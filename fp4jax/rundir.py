@@ -85,12 +85,16 @@ class Claim:
       ... train ...
   """
 
-  def __init__(self, workdir: str, *, artefacts: Sequence[str] = ()):
+  def __init__(self, workdir: str, *, artefacts: Sequence[str] = (),
+               primary: bool = True):
     """Args:
       workdir: the run directory.
       artefacts: names inside the workdir a start may create before
         `commit()`; those it created are removed if it fails.
+      primary: False on the processes of a multi-process run other than
+        process 0: they share process 0's claim (no lock, no rollback).
     """
+    self.primary = primary
     self.workdir = os.path.abspath(workdir)
     self._artefacts = tuple(artefacts)
     self._fd: int | None = None
@@ -99,6 +103,9 @@ class Claim:
     self._existing: set[str] = set()
 
   def __enter__(self) -> "Claim":
+    if not self.primary:
+      self._committed = True    # nothing to lock or roll back here
+      return self
     self._created_dir = not os.path.isdir(self.workdir)
     self._existing = {a for a in self._artefacts + (LOCK_FILE,)
                       if os.path.lexists(os.path.join(self.workdir, a))}

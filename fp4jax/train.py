@@ -291,7 +291,8 @@ def train_and_evaluate(config, workdir: str, *,
   train_state.check_fit(model_cfg, rules, mesh=mesh,
                         global_batch=config.data.global_batch,
                         seq_len=config.data.seq_len)
-  with rundir.Claim(workdir, artefacts=data.WORKDIR_FILES) as claim, \
+  with rundir.Claim(workdir, artefacts=data.WORKDIR_FILES,
+                    primary=pidx == 0) as claim, \
       checkpoint.stop_flag() as flag:
     train_it = data.make_input(config.data, split="train", seed=seed,
                                process_index=pidx, process_count=pcount,
