@@ -67,6 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.distributed.local_device_ids = ""  # e.g. "0,1"; "" = all visible
   c.distributed.timeout_s = 120       # wait for the coordinator at most
 
+  c.comm = ml_collections.ConfigDict()   # see fp4jax/comm.py
+  c.comm.grad_dtype = "float32"  # what the gradient all-reduce moves (fp8 ok)
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1            # data-parallel size; -1 = devices left over
   c.mesh.fsdp = 1             # parameter-sharding (ZeRO-3) size

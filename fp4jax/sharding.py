@@ -183,7 +183,7 @@ def constrain(x: jax.Array, names: Names) -> jax.Array:
   """Constrains an activation's sharding by logical names.
 
   A no-op unless a mesh is current (see `use_mesh`), so single-device code
-  and tests need no mesh.
+  and tests need no mesh; also a no-op inside `shard_map` (manual axes).
 
   Args:
     x: the activation, one dim per name.
@@ -195,8 +195,8 @@ def constrain(x: jax.Array, names: Names) -> jax.Array:
   if len(names) != x.ndim:
     raise ValueError(f"names {tuple(names)} do not match rank {x.ndim}")
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return x
+  if mesh.empty or mesh.manual_axes:
+    return x   # inside shard_map the arrays are already the local shards
   spec = logical_to_spec(names, _ACTIVE_RULES.get())
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 

@@ -290,7 +290,8 @@ def train_and_evaluate(config, workdir: str, *,
   checkpoint.check_run_info(workdir, run_info)
   train_state.check_fit(model_cfg, rules, mesh=mesh,
                         global_batch=config.data.global_batch,
-                        seq_len=config.data.seq_len)
+                        seq_len=config.data.seq_len,
+                        comm_dtype=config.comm.grad_dtype)
   with rundir.Claim(workdir, artefacts=data.WORKDIR_FILES,
                     primary=pidx == 0) as claim, \
       checkpoint.stop_flag() as flag:
@@ -310,7 +311,8 @@ def train_and_evaluate(config, workdir: str, *,
         global_batch=config.data.global_batch, seq_len=config.data.seq_len,
         seed=config.seed, skip_nonfinite=config.skip_nonfinite,
         segment_ids=config.data.segment_ids, metrics_fn=metrics_fn,
-        telemetry_on=config.telemetry_every > 0)
+        telemetry_on=config.telemetry_every > 0,
+        comm_dtype=config.comm.grad_dtype)
     # Everything is validated: from here on the workdir may be written.
     claim.commit()
     checkpoint.write_run_info(workdir, run_info)

@@ -28,6 +28,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from fp4jax import comm
 from fp4jax import llama
 from fp4jax import optim
 from fp4jax import qconfig
@@ -80,11 +81,15 @@ def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array,
   return jnp.sum((lse - picked) * mask), jnp.sum(mask)
 
 
-def _loss(params, graphdef, batch: Batch, key, segment_ids: bool):
+def _nll_sum(params, graphdef, batch: Batch, key, segment_ids: bool):
   model = nnx.merge(graphdef, params)
   logits = model(batch["inputs"], key=key,
                  segment_ids=batch["segment_ids"] if segment_ids else None)
-  nll, n = cross_entropy(logits, batch["targets"], batch["mask"])
+  return cross_entropy(logits, batch["targets"], batch["mask"])
+
+
+def _loss(params, graphdef, batch: Batch, key, segment_ids: bool):
+  nll, n = _nll_sum(params, graphdef, batch, key, segment_ids)
   return nll / jnp.maximum(n, 1.0)
 
 
@@ -93,7 +98,9 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
                schedule: Callable[[jax.Array], jax.Array],
                skip_nonfinite: bool = False, segment_ids: bool = False,
                metrics_fn: Callable[..., Mapping[str, Any]] | None = None,
-               proj_mask: Callable[[Any], Any] | None = None
+               proj_mask: Callable[[Any], Any] | None = None,
+               comm_dtype: str = "float32",
+               comm_axes: tuple[str, ...] = ("data", "fsdp")
                ) -> tuple[TrainState, dict[str, Any]]:
   """One optimizer step on a global batch.
 
@@ -111,6 +118,8 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
     metrics_fn: optional (params=, grads=) -> nested dict of scalars merged
       into the metrics (per-layer telemetry).
     proj_mask: `projection_mask`, for optim_cfg.proj_lr_scale.
+    comm_dtype: comm.grad_dtype: what the gradient reduction moves.
+    comm_axes: the mesh axes the batch rows are split over.
 
   Returns:
     The new state and {"loss", "grad_norm", "lr", "nonfinite", ...} as f32 /
@@ -119,9 +128,17 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
   """
   key = jax.random.fold_in(state.rng, state.step)
   model_key, round_key = jax.random.split(key)
-  loss, grads = jax.value_and_grad(_loss)(
-      optim.params_for_grad(state.params, optim_cfg), graphdef, batch,
-      model_key, segment_ids)
+  grad_params = optim.params_for_grad(state.params, optim_cfg)
+  if comm_dtype == "float32":
+    loss, grads = jax.value_and_grad(_loss)(grad_params, graphdef, batch,
+                                            model_key, segment_ids)
+  else:
+    # Per-shard gradients, reduced moving `comm_dtype` (fp4jax.comm).
+    def loss_sum(params, rows, key):
+      return _nll_sum(params, graphdef, rows, key, segment_ids)
+    loss, grads = comm.data_parallel_grads(
+        loss_sum, grad_params, batch, mesh=jax.sharding.get_abstract_mesh(),
+        batch_axes=comm_axes, grad_dtype=comm_dtype, args=(model_key,))
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   updates = _scale_projection_updates(updates, optim_cfg, proj_mask)
@@ -220,6 +237,10 @@ class Trainer:
     compile_seconds: wall time spent lowering and compiling both steps.
     telemetry_step: compiled (params, rng, batch) -> per-layer stats (see
       `telemetry_step`), or None when not asked for.
+    train_step_hlo: the train step as lowered (StableHLO text, before the
+      backend's passes: the dtypes the program asks its collectives to
+      move; a backend without FP8 collectives may widen them when it
+      compiles).
   """
   model_cfg: llama.LlamaConfig
   graphdef: Any
@@ -233,6 +254,7 @@ class Trainer:
   eval_step: Callable[..., dict[str, jax.Array]]
   compile_seconds: float
   telemetry_step: Callable[..., dict[str, Any]] | None = None
+  train_step_hlo: str = ""
 
   def put_batch(self, local: Mapping[str, Any]) -> dict[str, jax.Array]:
     """This process's numpy rows -> global arrays placed per batch_sharding."""
@@ -301,10 +323,16 @@ def _scale_projection_updates(updates, optim_cfg, proj_mask):
       proj_mask(updates))
 
 
+def _axes(entry: Any) -> tuple[str, ...]:
+  """A PartitionSpec entry as a tuple of mesh axis names."""
+  return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def check_fit(model_cfg: llama.LlamaConfig,
               quant_rules: Sequence[tuple[str, Any]] | None, *,
               mesh: jax.sharding.Mesh, global_batch: int, seq_len: int,
-              logical_rules: sharding.Rules = sharding.LOGICAL_RULES) -> None:
+              logical_rules: sharding.Rules = sharding.LOGICAL_RULES,
+              comm_dtype: str = "float32") -> None:
   """Checks that the model, batch and sequence fit the mesh; compiles nothing.
 
   The checks of `make_trainer` that need no compilation (shapes only, by
@@ -314,6 +342,7 @@ def check_fit(model_cfg: llama.LlamaConfig,
     ValueError: naming the config key when batch, sequence or parameter
       dims do not fit the mesh or model.
   """
+  comm.check(comm_dtype, mesh)
   if seq_len > model_cfg.max_seq_len:
     raise ValueError(f"data.seq_len={seq_len} exceeds the model's "
                      f"max_seq_len={model_cfg.max_seq_len}")
@@ -340,7 +369,8 @@ def make_trainer(model_cfg: llama.LlamaConfig,
                  logical_rules: sharding.Rules = sharding.LOGICAL_RULES,
                  skip_nonfinite: bool = False, segment_ids: bool = False,
                  metrics_fn: Callable[..., Mapping[str, Any]] | None = None,
-                 telemetry_on: bool = False) -> Trainer:
+                 telemetry_on: bool = False,
+                 comm_dtype: str = "float32") -> Trainer:
   """Builds the model, its sharded state layout and the compiled steps.
 
   Args:
@@ -357,6 +387,7 @@ def make_trainer(model_cfg: llama.LlamaConfig,
     segment_ids: see `train_step`.
     metrics_fn: see `train_step`.
     telemetry_on: also compile `telemetry_step`.
+    comm_dtype: comm.grad_dtype (see `train_step`).
 
   Returns:
     A Trainer.
@@ -366,7 +397,8 @@ def make_trainer(model_cfg: llama.LlamaConfig,
       dims do not fit the mesh or model.
   """
   check_fit(model_cfg, quant_rules, mesh=mesh, global_batch=global_batch,
-            seq_len=seq_len, logical_rules=logical_rules)
+            seq_len=seq_len, logical_rules=logical_rules,
+            comm_dtype=comm_dtype)
   batch_sh = sharding.batch_sharding(mesh, logical_rules)
   tx = optim.make_optimizer(optim_cfg, num_steps,
                             fp8_grad_mask(model_cfg, quant_rules))
@@ -403,7 +435,8 @@ def make_trainer(model_cfg: llama.LlamaConfig,
       train_step, graphdef=graphdef, tx=tx, optim_cfg=optim_cfg,
       schedule=schedule, skip_nonfinite=skip_nonfinite,
       segment_ids=segment_ids, metrics_fn=metrics_fn,
-      proj_mask=projection_mask(model_cfg))
+      proj_mask=projection_mask(model_cfg), comm_dtype=comm_dtype,
+      comm_axes=_axes(batch_sh.spec[0]))
   eval_fn = functools.partial(eval_step, graphdef=graphdef,
                               segment_ids=segment_ids)
   t0 = time.perf_counter()
@@ -411,10 +444,10 @@ def make_trainer(model_cfg: llama.LlamaConfig,
   # compiling ahead of time means each step is traced exactly once.
   with sharding.use_mesh(mesh, logical_rules):
     init_c = jax.jit(init, out_shardings=state_sh).lower().compile()
-    train_c = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
+    train_l = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
                       out_shardings=(state_sh, replicated),
-                      donate_argnums=0).lower(abstract, abstract_batch
-                                              ).compile()
+                      donate_argnums=0).lower(abstract, abstract_batch)
+    train_c = train_l.compile()
     eval_c = jax.jit(eval_fn, in_shardings=(state_sh.params, replicated,
                                             batch_sh),
                      out_shardings=replicated).lower(
@@ -438,4 +471,4 @@ def make_trainer(model_cfg: llama.LlamaConfig,
                  state_shardings=state_sh, abstract_state=abstract,
                  batch_sharding=batch_sh, init=init_c, train_step=train_c,
                  eval_step=eval_c, compile_seconds=seconds,
-                 telemetry_step=tele_c)
+                 telemetry_step=tele_c, train_step_hlo=train_l.as_text())

@@ -1,0 +1,146 @@
+"""Low-precision gradient communication (RECIPE §6: FP8 all-reduce).
+
+Owns: `comm.grad_dtype`, the dtype the data-parallel gradient reduction
+moves, and the reduction itself. With float32 the reduction is whatever
+XLA inserts (a psum in f32). With bfloat16 / float8_e4m3fn / float8_e5m2
+(on n devices of the data axes):
+
+  1. every device agrees on one scale per tensor, s = 2^floor(log2(fmax /
+     (n amax))), amax the pmax of |g| over the data axes: a power of two
+     (scaling is exact), with room for the sum of all n shards;
+  2. ring reduce-scatter: the flat gradient is cut into n chunks; in n - 1
+     `ppermute` steps each device passes a partial sum, cast to the dtype
+     (round to nearest even: the 1-byte payload), to its neighbour, which
+     adds its own chunk in float32; device r ends with the sum of chunk r;
+  3. all-gather of the summed chunks, cast to the dtype once more.
+
+Nothing is accumulated in the low-precision dtype (XLA's psum of FP8
+operands accumulates in FP8); every add is f32. A device sends and
+receives 2 (n-1)/n payloads, as a ring all-reduce does in f32: 1/4 of
+the bytes for FP8, 1/2 for bf16. Error per element: the rounding of each
+of the n - 1 transmitted partial sums and of the final sum, each at most
+max(|partial| 2^-(m+1), smallest subnormal / 2) / s (m mantissa bits).
+At n = 2 the ring is a plain all-gather of the two payloads (the same
+bytes, one rounding fewer).
+
+The step using it computes each data shard's gradient in a `shard_map`
+over the mesh, fully manual: the model inside it runs on local arrays
+(activation constraints are skipped there), so this path needs the
+parameters replicated (mesh.fsdp = mesh.tensor = 1).
+
+Must not import: flax, optax, or fp4jax modules other than sharding.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+GRAD_DTYPES = ("float32", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
+def check(grad_dtype: str, mesh: jax.sharding.Mesh) -> None:
+  """One-line ValueError for an unknown dtype or an unsupported mesh."""
+  if grad_dtype not in GRAD_DTYPES:
+    raise ValueError(f"comm.grad_dtype must be one of {GRAD_DTYPES}, got "
+                     f"{grad_dtype!r}")
+  if grad_dtype != "float32" and (mesh.shape["fsdp"] > 1 or
+                                  mesh.shape["tensor"] > 1):
+    raise ValueError(f"comm.grad_dtype={grad_dtype} needs a data-parallel "
+                     f"mesh (mesh.fsdp = mesh.tensor = 1), got "
+                     f"{dict(mesh.shape)}")
+
+
+def pow2_scale(amax: jax.Array, dtype: Any) -> jax.Array:
+  """2^floor(log2(fmax / amax)): the largest exact scale keeping |x s| <= fmax.
+
+  f32 [] in, f32 [] out; 1 where amax is 0 or not finite.
+  """
+  fmax = float(jnp.finfo(dtype).max)
+  ok = (amax > 0) & jnp.isfinite(amax)
+  e = jnp.floor(jnp.log2(fmax / jnp.where(ok, amax, 1.0)))
+  return jnp.where(ok, jnp.exp2(e), 1.0).astype(jnp.float32)
+
+
+def _cast(x: jax.Array, scale: jax.Array, low: Any) -> jax.Array:
+  return (x * scale).astype(low)
+
+
+def sum_over(x: jax.Array, axes: tuple[str, ...], dtype: str, n: int
+             ) -> jax.Array:
+  """Sum of `x` over mesh `axes` (inside shard_map), moving `dtype`.
+
+  Args:
+    x: this device's addend, any float dtype and shape.
+    axes: the manual mesh axes to sum over.
+    dtype: a GRAD_DTYPES name; "float32" is a plain psum.
+    n: the number of devices along `axes`.
+
+  Returns:
+    float32, x's shape: the sum over the axes, the same on every device.
+  """
+  x = x.astype(jnp.float32)
+  if dtype == "float32" or n == 1:
+    return jax.lax.psum(x, axes)
+  low = jnp.dtype(dtype)
+  amax = jax.lax.pmax(jnp.max(jnp.abs(x)), axes)
+  scale = pow2_scale(n * amax, low)
+  if n == 2:
+    both = jax.lax.all_gather(_cast(x, scale, low), axes, tiled=False)
+    return jnp.sum(both.astype(jnp.float32), axis=0) / scale
+  shape, size = x.shape, x.size
+  chunk = -(-size // n)
+  chunks = jnp.pad(x.reshape(-1), (0, n * chunk - size)).reshape(n, chunk)
+  r = jax.lax.axis_index(axes)
+  ring = [(i, (i + 1) % n) for i in range(n)]
+  partial = chunks[(r - 1) % n]
+  for k in range(n - 1):
+    got = jax.lax.ppermute(_cast(partial, scale, low), axes, ring)
+    partial = got.astype(jnp.float32) / scale + chunks[(r - 2 - k) % n]
+  # Device r now holds the sum of chunk r.
+  summed = jax.lax.all_gather(_cast(partial, scale, low), axes, tiled=True)
+  return (summed.astype(jnp.float32) / scale)[:size].reshape(shape)
+
+
+def data_parallel_grads(loss_sum: Callable[..., tuple[jax.Array, jax.Array]],
+                        params: Any, batch: dict[str, jax.Array], *,
+                        mesh: jax.sharding.Mesh, batch_axes: tuple[str, ...],
+                        grad_dtype: str, args: tuple = ()
+                        ) -> tuple[jax.Array, Any]:
+  """(mean loss, its gradient) with the gradient reduced in `grad_dtype`.
+
+  Args:
+    loss_sum: (params, batch, *args) -> (summed nll, token count) on one
+      shard's rows.
+    params: replicated parameters.
+    batch: the global batch, rows sharded over `batch_axes`.
+    mesh: the device mesh (every axis goes manual).
+    batch_axes: the mesh axes the batch rows are split over.
+    grad_dtype: a GRAD_DTYPES name.
+    args: further replicated arguments of `loss_sum` (keys).
+
+  Returns:
+    The global mean loss (f32 []) and gradient (params' structure, f32):
+    sum of the shards' nll gradients / global token count.
+  """
+  def local(params, batch, *args):
+    (nll, tokens), g = jax.value_and_grad(loss_sum, has_aux=True)(
+        params, batch, *args)
+    count = jax.lax.psum(tokens, batch_axes)
+    nll = jax.lax.psum(nll, batch_axes)
+    g = jax.tree.map(lambda t: sum_over(t, batch_axes, grad_dtype, ways), g)
+    denom = jnp.maximum(count, 1.0)
+    return nll / denom, jax.tree.map(lambda t: t / denom, g)
+
+  ways = 1
+  for a in batch_axes:
+    ways *= mesh.shape[a]
+  rows = P(batch_axes)
+  fn = jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(P(), jax.tree.map(lambda _: rows, batch),
+                *(P() for _ in args)),
+      out_specs=(P(), P()), check_vma=False)
+  return fn(params, batch, *args)
