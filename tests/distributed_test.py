@@ -22,6 +22,11 @@ import faults
 # or missing row) moves the loss by >= 1e-3.
 PROCESS_LOSS_RTOL = 1e-6
 
+# Another mesh, f32 compute: tensor / fsdp splits reassociate the f32 sums
+# of the matmuls and the loss (~1e3 terms, a few ulps each: ~1e-6); a wrong
+# restore (a permuted or stale shard) moves the loss by >= 1e-3.
+MESH_LOSS_RTOL = 2e-5
+
 LAUNCH = str(faults.ROOT / "experiments" / "launch_local.sh")
 
 
@@ -105,3 +110,49 @@ def test_an_absent_coordinator_is_one_line_not_a_hang(tmp_path):
   assert faults.last_line(r.stderr).startswith(
       "error: distributed: no coordinator answers at 127.0.0.1:1")
   assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------- restore onto another mesh
+
+
+def test_a_checkpoint_restores_onto_other_meshes_and_trains_on(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from fp4jax import checkpoint, data, optim, sharding, train  # pylint: disable=g-import-not-at-top
+  from fp4jax import train_state  # pylint: disable=g-import-not-at-top
+  import harness  # pylint: disable=g-import-not-at-top
+  cfg = demo.get_config("smoke,recipe=bf16")
+  cfg.model.n_layers = 1
+  cfg.model.compute_dtype = "float32"
+  model_cfg = train.model_config(cfg.model.to_dict(), cfg.data.vocab_size)
+  rules, _ = train.quant_rules(cfg.quant)
+
+  def trainer(mesh):
+    return train_state.make_trainer(
+        model_cfg, rules, optim.OptimConfig(moments="paper"), num_steps=10,
+        mesh=mesh, global_batch=cfg.data.global_batch,
+        seq_len=cfg.data.seq_len, seed=0)
+
+  it = data.make_input(cfg.data, split="train", seed=0)
+  batch = next(it)
+  saved_on = trainer(sharding.make_mesh(8, 1, 1))
+  state, _ = saved_on.train_step(saved_on.init(), saved_on.put_batch(batch))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=1)
+  ckpt.save(1, state, it.get_state(), force=True)
+  ckpt.wait()
+  want = harness.host_tree(state)
+  _, want_metrics = saved_on.train_step(state, saved_on.put_batch(batch))
+  for mesh in (sharding.make_mesh(1, 4, 2),
+               sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])):
+    other = trainer(mesh)
+    got, data_state = ckpt.restore(other.abstract_state, 1)
+    assert data_state == it.get_state()
+    jax.tree.map(np.testing.assert_array_equal, harness.host_tree(got), want)
+    leaf = jax.tree.leaves(got.params)[0]
+    assert leaf.sharding.mesh.shape == mesh.shape
+    # Training continues: the next step's loss equals the 8-device one.
+    _, m = other.train_step(got, other.put_batch(batch))
+    np.testing.assert_allclose(float(m["loss"]), float(want_metrics["loss"]),
+                               rtol=MESH_LOSS_RTOL)
+  ckpt.close()
