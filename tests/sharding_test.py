@@ -148,3 +148,41 @@ def test_sharded_forward_equals_single_device(tiny_model):
   assert n_constraints(hlo) >= 1 + 2 * TINY_F32.n_layers
   assert n_constraints(jax.jit(fwd).lower(state, tokens).as_text()) == 0
   np.testing.assert_allclose(np.asarray(got), want, atol=SHARDED_ATOL, rtol=0)
+
+
+GOLDEN_STATE = (pathlib.Path(__file__).parent / "testdata" /
+                "sharding_125m_state.json")
+
+
+def _state_specs(size: str, mesh_shape: dict[str, int]) -> dict[str, list]:
+  """PartitionSpec of every TrainState leaf (params + paper-moment Adam)."""
+  from fp4jax import optim, train_state  # pylint: disable=g-import-not-at-top
+  cfg = sizes.get_config(size)
+  ocfg = optim.OptimConfig(moments="paper")
+  tx = optim.make_optimizer(ocfg, 100)
+
+  def init():
+    params = optim.cast_master(
+        nnx.state(llama.Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param), ocfg)
+    return train_state.TrainState(
+        step=jnp.int32(0), params=params, opt_state=tx.init(params),
+        rng=jax.random.key(0), skipped=jnp.int32(0))
+
+  abstract = jax.eval_shape(init)
+  mesh = sharding.make_mesh(**mesh_shape)
+  shardings = sharding.state_shardings(abstract, mesh)
+  flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  out = {}
+  for (path, leaf), sh in zip(flat, jax.tree.leaves(shardings)):
+    out[jax.tree_util.keystr(path)] = spec_list(sh.spec, len(leaf.shape))
+  return out
+
+
+def test_125m_state_specs_match_golden():
+  # Every parameter and optimizer leaf of the 125m model on a (data 2,
+  # fsdp 2, tensor 2) mesh: a change of the logical rules shows here.
+  golden = json.loads(GOLDEN_STATE.read_text())
+  got = _state_specs(golden["size"], golden["mesh"])
+  assert got == golden["specs"], json.dumps(
+      {k: v for k, v in got.items() if golden["specs"].get(k) != v},
+      indent=1)[:2000]
