@@ -7,7 +7,8 @@ XLA inserts (a psum in f32). With bfloat16 / float8_e4m3fn / float8_e5m2
 
   1. every device agrees on one scale per tensor, s = 2^floor(log2(fmax /
      (n amax))), amax the pmax of |g| over the data axes: a power of two
-     (scaling is exact), with room for the sum of all n shards;
+     (scaling is exact), with room for the sum of all n shards (FP8 only;
+     bf16 has f32's range and is sent unscaled);
   2. ring reduce-scatter: the flat gradient is cut into n chunks; in n - 1
      `ppermute` steps each device passes a partial sum, cast to the dtype
      (round to nearest even: the 1-byte payload), to its neighbour, which
@@ -39,6 +40,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 GRAD_DTYPES = ("float32", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+# Largest power-of-two exponent of a payload scale (see pow2_scale).
+MAX_SCALE_EXP = 64.0
 
 
 def check(grad_dtype: str, mesh: jax.sharding.Mesh) -> None:
@@ -56,11 +59,20 @@ def check(grad_dtype: str, mesh: jax.sharding.Mesh) -> None:
 def pow2_scale(amax: jax.Array, dtype: Any) -> jax.Array:
   """2^floor(log2(fmax / amax)): the largest exact scale keeping |x s| <= fmax.
 
-  f32 [] in, f32 [] out; 1 where amax is 0 or not finite.
+  f32 [] in, f32 [] out; 1 where amax is 0 or not finite, and for dtypes
+  with f32's exponent range (bf16: scaling gains nothing). The exponent is
+  at most MAX_SCALE_EXP: a tiny amax (a gradient of ~1e-30) would
+  otherwise give s = 2^126, whose products XLA may evaluate as 0 once it
+  fuses the cast and the division back (measured: bf16 gradients summed
+  to exactly 0); values that small lose nothing that matters by staying
+  below the dtype's normal range.
   """
+  if jnp.finfo(dtype).maxexp >= jnp.finfo(jnp.float32).maxexp:
+    return jnp.ones((), jnp.float32)
   fmax = float(jnp.finfo(dtype).max)
   ok = (amax > 0) & jnp.isfinite(amax)
-  e = jnp.floor(jnp.log2(fmax / jnp.where(ok, amax, 1.0)))
+  e = jnp.floor(jnp.log2(fmax) - jnp.log2(jnp.where(ok, amax, 1.0)))
+  e = jnp.clip(e, -126.0, MAX_SCALE_EXP)
   return jnp.where(ok, jnp.exp2(e), 1.0).astype(jnp.float32)
 
 

@@ -53,7 +53,10 @@ def _bound(x, dtype):
   """
   n, length = x.shape
   m, sub = FORMATS[dtype]
-  scale = 2.0**np.floor(np.log2(_fmax(dtype) / (n * np.abs(x).max())))
+  # bf16 has f32's range: sent unscaled. FP8: the shared power of two.
+  scale = (1.0 if dtype == "bfloat16" else
+           2.0**min(np.floor(np.log2(_fmax(dtype) / (n * np.abs(x).max()))),
+                    comm.MAX_SCALE_EXP))
   def rounding(v):
     return np.maximum(np.abs(v) * scale * 2.0**-(m + 1), sub / 2) / scale
   if n == 2:   # each addend rounded once, summed in f32
@@ -88,6 +91,27 @@ def test_sum_is_within_the_rounding_bound_and_the_bound_is_tight(dtype,
   err = np.abs(out[0] - exact)
   assert np.all(err <= bound), np.max(err / bound)
   assert np.max(err / bound) >= 1 / TIGHTNESS, np.max(err / bound)
+
+
+@pytest.mark.parametrize("dtype", sorted(FORMATS))
+@pytest.mark.parametrize("magnitude", [1e-30, 1e30])
+def test_extreme_gradients_stay_finite(mesh, dtype, magnitude):
+  # fmax / amax leaves f32's range here (bf16's fmax is ~3e38): the scale
+  # must not become inf (0 * inf = NaN) or 0.
+  x = np.zeros((8, 256), np.float32)
+  x[:, :128] = magnitude * np.random.default_rng(2).standard_normal((8, 128))
+  out = np.asarray(_sum_fn(mesh, dtype)(x), np.float64)[0]
+  assert np.all(np.isfinite(out))
+  assert np.all(out[128:] == 0)
+  exact = x.astype(np.float64).sum(0)
+  m, _ = FORMATS[dtype]
+  clipped = dtype != "bfloat16" and magnitude < 1
+  if clipped:
+    # The scale stops at 2^MAX_SCALE_EXP: values of 1e-30 stay below FP8's
+    # normal range and flush towards 0, never grow.
+    assert np.all(np.abs(out) <= (1 + 2.0**-m) * np.abs(x).sum(0))
+  else:   # normal-range payloads: every rounding is relative
+    assert np.all(np.abs(out - exact) <= 8 * 2.0**-m * np.abs(x).sum(0))
 
 
 def test_f32_is_a_plain_psum(mesh):
@@ -142,11 +166,12 @@ def test_the_lowered_step_moves_fp8_on_its_collectives():
 
 def test_fp8_communication_trains_like_f32(tmp_path):
   losses = {}
-  for dtype in ("float32", "float8_e4m3fn"):
+  for dtype in ("float32", "bfloat16", "float8_e4m3fn"):
     state = train.train_and_evaluate(_config(dtype, 50),
                                      str(tmp_path / dtype))
     del state
     rec = (tmp_path / dtype / "metrics.jsonl").read_text().splitlines()[-1]
     losses[dtype] = float(__import__("json").loads(rec)["loss"])
-  f32, fp8 = losses["float32"], losses["float8_e4m3fn"]
-  assert abs(fp8 - f32) <= FP8_COMM_LOSS_RTOL * f32, losses
+  f32 = losses["float32"]
+  for dtype in ("bfloat16", "float8_e4m3fn"):
+    assert abs(losses[dtype] - f32) <= FP8_COMM_LOSS_RTOL * f32, losses
