@@ -4,7 +4,7 @@ r"""Fig. 6c analogue: W8A4 without OCC and with alpha 0.999, 0.99, 0.97
   python -m experiments.run occ_alpha
 
 The paper: OCC needed; a lower alpha (more clamping, more compensation) is
-better. At K = 128 / 344, alpha 0.999 clamps nothing: int(0.999 K) = K - 1.
+better. At K = 128 / 352, alpha 0.999 clamps nothing: int(0.999 K) = K - 1.
 Small anchor model, 150 steps, 3 paired seeds, f32 baseline.
 """
 
