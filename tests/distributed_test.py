@@ -9,6 +9,7 @@ they run the same program up to the order of cross-device sums.
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -49,13 +50,14 @@ def _two_process_run(recipe, tmp_path):
   one = tmp_path / "one"
   env = faults._env()   # pylint: disable=protected-access
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-  r = subprocess.run(["python", "-m", "fp4jax.main", *_args(recipe, one)],
+  r = subprocess.run([sys.executable, "-m", "fp4jax.main",
+                      *_args(recipe, one)],
                      cwd=faults.ROOT, env=env, capture_output=True,
                      text=True, timeout=600, check=False)
   assert r.returncode == 0, r.stderr[-3000:]
   two = tmp_path / "two"
   env = faults._env()   # pylint: disable=protected-access
-  env["PYTHON"] = "python"
+  env["PYTHON"] = sys.executable
   r = subprocess.run([LAUNCH, "2", *_args(recipe, two)], cwd=faults.ROOT,
                      env=env, capture_output=True, text=True, timeout=600,
                      check=False)
