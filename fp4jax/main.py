@@ -131,7 +131,6 @@ def _unknown_key(argv: list[str]) -> str | None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  _preflight(argv)   # also when main() is driven by a test
   try:
     return flags.FLAGS(argv)
   except (KeyError, AttributeError) as e:  # config_flags on an unknown key

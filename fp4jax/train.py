@@ -360,8 +360,8 @@ def _loop(config, trainer, ckpt, writer, train_it, val_it, stop_at_step,
                trainer.model_cfg, sizes.param_count(trainer.model_cfg))
   logging.info("quantization (projection -> recipe):\n%s",
                "\n".join(quant_table_lines(trainer.quant_table)))
-  latest = None if restored is None else restored[0]
   if restored is None:
+    latest = None
     state = trainer.init()
     logging.info("initialised a fresh state")
   else:

@@ -332,11 +332,14 @@ def check_fit(model_cfg: llama.LlamaConfig,
               quant_rules: Sequence[tuple[str, Any]] | None, *,
               mesh: jax.sharding.Mesh, global_batch: int, seq_len: int,
               logical_rules: sharding.Rules = sharding.LOGICAL_RULES,
-              comm_dtype: str = "float32") -> None:
+              comm_dtype: str = "float32") -> Any:
   """Checks that the model, batch and sequence fit the mesh; compiles nothing.
 
   The checks of `make_trainer` that need no compilation (shapes only, by
   `nnx.eval_shape`), so a run can reject a bad config before its data stage.
+
+  Returns:
+    The abstract model (`nnx.eval_shape` of `llama.Llama`).
 
   Raises:
     ValueError: naming the config key when batch, sequence or parameter
@@ -360,6 +363,7 @@ def check_fit(model_cfg: llama.LlamaConfig,
   _, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
   sharding.check_divisible(abstract_params, mesh, logical_rules,
                            blocks=_weight_blocks(model_cfg, quant_rules))
+  return abstract_model
 
 
 def make_trainer(model_cfg: llama.LlamaConfig,
@@ -396,9 +400,10 @@ def make_trainer(model_cfg: llama.LlamaConfig,
     ValueError: naming the config key when batch, sequence or parameter
       dims do not fit the mesh or model.
   """
-  check_fit(model_cfg, quant_rules, mesh=mesh, global_batch=global_batch,
-            seq_len=seq_len, logical_rules=logical_rules,
-            comm_dtype=comm_dtype)
+  abstract_model = check_fit(model_cfg, quant_rules, mesh=mesh,
+                             global_batch=global_batch, seq_len=seq_len,
+                             logical_rules=logical_rules,
+                             comm_dtype=comm_dtype)
   batch_sh = sharding.batch_sharding(mesh, logical_rules)
   tx = optim.make_optimizer(optim_cfg, num_steps,
                             fp8_grad_mask(model_cfg, quant_rules))
@@ -417,7 +422,6 @@ def make_trainer(model_cfg: llama.LlamaConfig,
                       rng=jax.random.fold_in(root, 1),
                       skipped=jnp.zeros([], jnp.int32))
 
-  abstract_model = nnx.eval_shape(lambda: build_model(jax.random.key(0)))
   graphdef, _, rest = nnx.split(abstract_model, nnx.Param, ...)
   if jax.tree.leaves(rest):
     raise NotImplementedError("model state other than nnx.Param is not "
