@@ -9,12 +9,17 @@ num_processes, process_id, local_device_ids ("0,1" or ""), timeout_s.
 All unset: JAX's own cluster detection when a SLURM or Open MPI job of more
 than one task is detected, else a single process (nothing to initialize).
 A coordinator that does not answer within timeout_s is an error naming its
-address, never a hang.
+address, never a hang; a second process 0 (its coordinator port already in
+use) is an error naming the key. A duplicated id above 0 cannot be seen
+before joining: JAX's coordination service then aborts every process, its
+log naming the task ("N unexpectedly tried to connect with a different
+incarnation").
 
 Must not import: ml_collections (reads the section by key), or any fp4jax
 module (it runs first).
 """
 
+import errno
 import os
 import socket
 import time
@@ -108,6 +113,27 @@ def _wait_for(address: str, timeout_s: int, process_id: int) -> None:
       time.sleep(0.5)
 
 
+def _check_port_free(address: str) -> None:
+  """Process 0 hosts the coordinator: its port must not be taken already.
+
+  JAX's coordination service aborts every process (a C++ fatal) when two
+  processes claim one id; the commonest case, two processes started as
+  process 0, shows here first as a port someone already listens on.
+  """
+  port = int(address.rpartition(":")[2])
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    try:
+      s.bind(("", port))
+    except OSError as e:
+      if e.errno != errno.EADDRINUSE:
+        return     # not ours to judge (permissions, ...): JAX will say
+      raise ValueError(
+          f"distributed: port {port} of distributed.coordinator_address="
+          f"{address} is already in use on this host: is another process "
+          f"running with distributed.process_id=0 (each process needs its "
+          f"own id, 0..num_processes-1)?") from None
+
+
 def initialize(section: Mapping[str, Any]) -> None:
   """Joins the run described by `section` (no-op for a single process).
 
@@ -121,7 +147,9 @@ def initialize(section: Mapping[str, Any]) -> None:
   if args is None:
     return
   where = args.get("coordinator_address") or _cluster_job()
-  if args.get("process_id", 0) > 0:
+  if args.get("process_id") == 0:
+    _check_port_free(args["coordinator_address"])
+  elif args.get("process_id", 0) > 0:
     # XLA aborts the process (a C++ fatal, no Python error) when the
     # coordinator never answers: wait for it here, boundedly, first.
     _wait_for(args["coordinator_address"], args["initialization_timeout"],

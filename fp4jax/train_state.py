@@ -100,7 +100,8 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
                metrics_fn: Callable[..., Mapping[str, Any]] | None = None,
                proj_mask: Callable[[Any], Any] | None = None,
                comm_dtype: str = "float32",
-               comm_axes: tuple[str, ...] = ("data", "fsdp")
+               comm_axes: tuple[str, ...] = ("data", "fsdp"),
+               comm_specs: Any = None
                ) -> tuple[TrainState, dict[str, Any]]:
   """One optimizer step on a global batch.
 
@@ -120,6 +121,8 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
     proj_mask: `projection_mask`, for optim_cfg.proj_lr_scale.
     comm_dtype: comm.grad_dtype: what the gradient reduction moves.
     comm_axes: the mesh axes the batch rows are split over.
+    comm_specs: PartitionSpecs of the params (FSDP: the gradient is
+      reduce-scattered onto them); None = replicated.
 
   Returns:
     The new state and {"loss", "grad_norm", "lr", "nonfinite", ...} as f32 /
@@ -138,7 +141,8 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
       return _nll_sum(params, graphdef, rows, key, segment_ids)
     loss, grads = comm.data_parallel_grads(
         loss_sum, grad_params, batch, mesh=jax.sharding.get_abstract_mesh(),
-        batch_axes=comm_axes, grad_dtype=comm_dtype, args=(model_key,))
+        batch_axes=comm_axes, grad_dtype=comm_dtype, args=(model_key,),
+        param_specs=comm_specs)
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   updates = _scale_projection_updates(updates, optim_cfg, proj_mask)
@@ -440,7 +444,8 @@ def make_trainer(model_cfg: llama.LlamaConfig,
       schedule=schedule, skip_nonfinite=skip_nonfinite,
       segment_ids=segment_ids, metrics_fn=metrics_fn,
       proj_mask=projection_mask(model_cfg), comm_dtype=comm_dtype,
-      comm_axes=_axes(batch_sh.spec[0]))
+      comm_axes=_axes(batch_sh.spec[0]),
+      comm_specs=jax.tree.map(lambda sh: sh.spec, state_sh.params))
   eval_fn = functools.partial(eval_step, graphdef=graphdef,
                               segment_ids=segment_ids)
   t0 = time.perf_counter()

@@ -8,6 +8,7 @@ they run the same program up to the order of cross-device sums.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -111,6 +112,25 @@ def test_an_absent_coordinator_is_one_line_not_a_hang(tmp_path):
   assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
   assert faults.last_line(r.stderr).startswith(
       "error: distributed: no coordinator answers at 127.0.0.1:1")
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_second_process_0_is_one_line_naming_the_key(tmp_path):
+  # Someone (a first process 0's coordinator) already listens on the port.
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    r = faults.run_main(
+        "--config=configs/demo.py:smoke", f"--workdir={tmp_path}/w",
+        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+        "--config.distributed.num_processes=2",
+        "--config.distributed.process_id=0",
+        "--config.distributed.timeout_s=2")
+  assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+  assert faults.last_line(r.stderr).startswith(
+      f"error: distributed: port {port} of distributed.coordinator_address")
+  assert "distributed.process_id=0" in faults.last_line(r.stderr)
   assert not (tmp_path / "w").exists()
 
 
