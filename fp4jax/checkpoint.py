@@ -266,6 +266,29 @@ class Checkpointer:
     self._manager.close()
 
 
+def restore_state(workdir: str, step: int, abstract_state: Any) -> Any:
+  """The TrainState of one complete step, read-only (evaluation, export).
+
+  Unlike `Checkpointer`, creates no manager: nothing under the workdir is
+  cleaned up or written, so a live run's saves in progress are safe.
+
+  Raises:
+    UnreadableCheckpoint: the step's files are damaged (naming the file).
+    ValueError: the checkpoint does not match `abstract_state`.
+  """
+  step_dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step))
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(os.path.join(step_dir, "state"), abstract_state)
+  except Exception as e:  # orbax / tensorstore raise many kinds
+    reason = unreadable_reason(step_dir, e)
+    if reason is not None:
+      raise UnreadableCheckpoint(step, reason) from e
+    first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    raise ValueError(f"checkpoint step {step} in {step_dir} does not match "
+                     f"the run's config.json: {first}") from e
+
+
 def _diff(saved: dict[str, Any], current: dict[str, Any], prefix: str
           ) -> list[str]:
   """Dotted keys whose values differ between two nested dicts."""

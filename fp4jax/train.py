@@ -37,6 +37,7 @@ from fp4jax import checkpoint
 from fp4jax import data
 from fp4jax import flops
 from fp4jax import llama
+from fp4jax import memory
 from fp4jax import metrics as metrics_lib
 from fp4jax import optim
 from fp4jax import qconfig
@@ -377,12 +378,23 @@ def _loop(config, trainer, ckpt, writer, train_it, val_it, stop_at_step,
   logging.info("train state: %.2f bytes/param, %.1f MB in all (master %s, "
                "moments %s)", mem["bytes_per_param"], mem["total_bytes"] / 1e6,
                config.optim.master, config.optim.moments)
+  devices = trainer.mesh.devices.size
+  batch_ways = devices // (trainer.mesh.shape["tensor"])
+  act = memory.activation_bytes_per_token(
+      trainer.model_cfg, config.data.seq_len,
+      quantized=any(r != "none" for r in trainer.quant_table.values())
+  ) * config.data.global_batch * config.data.seq_len / batch_ways
+  xla = memory.compiled_bytes(trainer.train_step)
+  logging.info("activations: %.1f MB/device saved for the backward "
+               "(analytic); compiled step: %s", act / 1e6,
+               "no memory analysis" if xla is None else
+               f"{xla['temp'] / 1e6:.1f} MB temp, "
+               f"{xla['arguments'] / 1e6:.1f} MB arguments per device (XLA)")
   if latest is None:
     writer.write(step, {"state_bytes_per_param": mem["bytes_per_param"],
                         "state_bytes": mem["total_bytes"]})
   tokens_per_step = config.data.global_batch * config.data.seq_len
   flops_token = flops.flops_per_token(trainer.model_cfg, config.data.seq_len)
-  devices = trainer.mesh.devices.size
   kind = trainer.mesh.devices.flat[0].device_kind
   window: list[tuple[int, dict[str, Any]]] = []
   t_last = time.perf_counter()

@@ -370,6 +370,62 @@ def check_fit(model_cfg: llama.LlamaConfig,
   return abstract_model
 
 
+def _state_layout(abstract_model: Any, model_cfg: llama.LlamaConfig,
+                  quant_rules: Sequence[tuple[str, Any]] | None,
+                  optim_cfg: Any, *, num_steps: int, mesh: jax.sharding.Mesh,
+                  seed: int, logical_rules: sharding.Rules):
+  """(tx, init, graphdef, abstract sharded TrainState, its shardings)."""
+  tx = optim.make_optimizer(optim_cfg, num_steps,
+                            fp8_grad_mask(model_cfg, quant_rules))
+
+  def build_model(key):
+    return llama.Llama(model_cfg, rules=quant_rules,
+                       rngs=nnx.Rngs(params=key))
+
+  def init() -> TrainState:
+    root = jax.random.key(seed)
+    params = nnx.state(build_model(jax.random.fold_in(root, 0)), nnx.Param)
+    params = optim.cast_master(params, optim_cfg)
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
+                      opt_state=tx.init(params),
+                      rng=jax.random.fold_in(root, 1),
+                      skipped=jnp.zeros([], jnp.int32))
+
+  graphdef, _, rest = nnx.split(abstract_model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise NotImplementedError("model state other than nnx.Param is not "
+                              f"supported: {rest}")
+  abstract = jax.eval_shape(init)
+  state_sh = sharding.state_shardings(abstract, mesh, logical_rules)
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, state_sh)
+  return tx, init, graphdef, abstract, state_sh
+
+
+def abstract_state(model_cfg: llama.LlamaConfig,
+                   quant_rules: Sequence[tuple[str, Any]] | None,
+                   optim_cfg: Any, *, num_steps: int, mesh: jax.sharding.Mesh,
+                   seed: int = 0,
+                   logical_rules: sharding.Rules = sharding.LOGICAL_RULES
+                   ) -> tuple[Any, Any]:
+  """(graphdef, abstract TrainState) of a run, compiling nothing.
+
+  What a checkpoint of that run restores into (`checkpoint.Checkpointer`)
+  without building a Trainer: evaluation and export.
+
+  Returns:
+    The model's nnx GraphDef and a TrainState of `jax.ShapeDtypeStruct`s
+    carrying their shardings on `mesh`.
+  """
+  abstract_model = nnx.eval_shape(lambda: llama.Llama(
+      model_cfg, rules=quant_rules, rngs=nnx.Rngs(params=jax.random.key(0))))
+  _, _, graphdef, abstract, _ = _state_layout(
+      abstract_model, model_cfg, quant_rules, optim_cfg, num_steps=num_steps,
+      mesh=mesh, seed=seed, logical_rules=logical_rules)
+  return graphdef, abstract
+
+
 def make_trainer(model_cfg: llama.LlamaConfig,
                  quant_rules: Sequence[tuple[str, Any]] | None,
                  optim_cfg: Any, *, num_steps: int, mesh: jax.sharding.Mesh,
@@ -409,33 +465,11 @@ def make_trainer(model_cfg: llama.LlamaConfig,
                              logical_rules=logical_rules,
                              comm_dtype=comm_dtype)
   batch_sh = sharding.batch_sharding(mesh, logical_rules)
-  tx = optim.make_optimizer(optim_cfg, num_steps,
-                            fp8_grad_mask(model_cfg, quant_rules))
+  tx, init, graphdef, abstract, state_sh = _state_layout(
+      abstract_model, model_cfg, quant_rules, optim_cfg,
+      num_steps=num_steps, mesh=mesh, seed=seed, logical_rules=logical_rules)
   schedule = optim.make_schedule(optim_cfg, num_steps)
-
-  def build_model(key):
-    return llama.Llama(model_cfg, rules=quant_rules,
-                       rngs=nnx.Rngs(params=key))
-
-  def init() -> TrainState:
-    root = jax.random.key(seed)
-    params = nnx.state(build_model(jax.random.fold_in(root, 0)), nnx.Param)
-    params = optim.cast_master(params, optim_cfg)
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                      opt_state=tx.init(params),
-                      rng=jax.random.fold_in(root, 1),
-                      skipped=jnp.zeros([], jnp.int32))
-
-  graphdef, _, rest = nnx.split(abstract_model, nnx.Param, ...)
-  if jax.tree.leaves(rest):
-    raise NotImplementedError("model state other than nnx.Param is not "
-                              f"supported: {rest}")
-  abstract = jax.eval_shape(init)
   replicated = NamedSharding(mesh, PartitionSpec())
-  state_sh = sharding.state_shardings(abstract, mesh, logical_rules)
-  abstract = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract, state_sh)
   abstract_batch = {k: jax.ShapeDtypeStruct((global_batch, seq_len),
                                             BATCH_DTYPES[k], sharding=batch_sh)
                     for k in BATCH_KEYS}

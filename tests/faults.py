@@ -90,14 +90,16 @@ def _env(pythonpath: bool = True) -> dict[str, str]:
 
 
 def run_main(*args, cwd=ROOT, pythonpath: bool = True, timeout: int = 300,
-             driver: str | None = None) -> subprocess.CompletedProcess:
+             driver: str | None = None, module: str = "fp4jax.main"
+             ) -> subprocess.CompletedProcess:
   """Runs the CLI to completion; stdout and stderr as text.
 
   driver: Python source run instead of `-m fp4jax.main` (it must end by
     running the CLI, e.g. `faults.main()`); the args follow as sys.argv.
+  module: the CLI module (fp4jax.evaluate, ...).
   """
   cmd = ([sys.executable, "-c", driver, *args] if driver else
-         [sys.executable, "-m", "fp4jax.main", *args])
+         [sys.executable, "-m", module, *args])
   return subprocess.run(cmd, cwd=cwd, env=_env(pythonpath),
                         capture_output=True, text=True, timeout=timeout,
                         check=False)
