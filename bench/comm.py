@@ -89,10 +89,9 @@ def _grad_payload(trainer, itemsize: int) -> float:
   n_f, n_d = shape["fsdp"], shape["data"]
   n = n_f * n_d
   total = 0.0
-  for sh, leaf in zip(jax.tree.leaves(trainer.state_shardings.params),
-                      jax.tree.leaves(trainer.abstract_state.params)):
+  for leaf in jax.tree.leaves(trainer.abstract_state.params):
     size = itemsize * int(np.prod(leaf.shape))
-    if n_f > 1 and "fsdp" in str(sh.spec):
+    if n_f > 1 and "fsdp" in str(leaf.sharding.spec):
       total += size * ((n_f - 1) / n_f + 2 * (n_d - 1) / (n_d * n_f))
     else:
       total += size * 2 * (n - 1) / n
@@ -165,3 +164,5 @@ def main(argv=None) -> dict[str, dict[str, float]]:
 
 if __name__ == "__main__":
   main()
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()   # leave together, not at interpreter exit

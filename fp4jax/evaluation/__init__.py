@@ -1,0 +1,1 @@
+"""Zero-shot evaluation: eval-set readers, scoring and the restored model."""
