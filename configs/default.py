@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.telemetry_every = 0       # steps between per-layer quant stats; 0 = off
   c.skip_nonfinite = False    # NaN/inf loss or grad: skip+count, else stop
   c.max_skipped_fraction = 0.1  # skipped share above this: run ends exit 4
+  c.init_from_hf = ""         # HF LLaMA folder a fresh run starts from
 
   c.model = ml_collections.ConfigDict()
   c.model.size = "125m"       # key of fp4jax.sizes.SIZES (tiny ... 13b)

@@ -31,11 +31,13 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from fp4jax import checkpoint
 from fp4jax import data
 from fp4jax import flops
+from fp4jax import hf
 from fp4jax import llama
 from fp4jax import memory
 from fp4jax import metrics as metrics_lib
@@ -287,6 +289,12 @@ def train_and_evaluate(config, workdir: str, *,
                         "overrides": dict(config.quant.overrides),
                         "rules": [list(r) for r in config.quant.rules]},
               "config": config.to_dict()}
+  init_params = None
+  if config.init_from_hf:
+    hf_cfg, tensors = hf.read_folder(config.init_from_hf)
+    hf.check_matches(hf_cfg, model_cfg)
+    init_params = hf.from_hf_tensors(tensors, model_cfg)
+    del tensors
   rundir.check_usable(workdir)
   checkpoint.check_run_info(workdir, run_info)
   train_state.check_fit(model_cfg, rules, mesh=mesh,
@@ -326,7 +334,7 @@ def train_and_evaluate(config, workdir: str, *,
           resume_step=None if restored is None else restored[0])
       try:
         state, stop = _loop(config, trainer, ckpt, writer, train_it, val_it,
-                            stop_at_step, restored, flag)
+                            stop_at_step, restored, flag, init_params)
       finally:
         writer.close()
     finally:
@@ -349,8 +357,19 @@ def _check_skipped(config, state, step: int) -> None:
         f"{config.max_skipped_fraction}); the run is saved but suspect")
 
 
+def _with_params(state, pure: dict[str, Any]):
+  """`state` with its params replaced by a pure dict (imported weights),
+  each cast to the master dtype and placed as the old leaf was."""
+  params = state.params
+  old = nnx.to_pure_dict(params)
+  new = jax.tree.map(lambda n, o: jax.device_put(
+      np.asarray(n).astype(o.dtype), o.sharding), pure, old)
+  nnx.replace_by_pure_dict(params, new)
+  return state.replace(params=params)
+
+
 def _loop(config, trainer, ckpt, writer, train_it, val_it, stop_at_step,
-          restored, flag):
+          restored, flag, init_params=None):
   """Runs steps to num_steps / stop_at_step / a stop signal.
 
   Returns:
@@ -364,7 +383,12 @@ def _loop(config, trainer, ckpt, writer, train_it, val_it, stop_at_step,
   if restored is None:
     latest = None
     state = trainer.init()
-    logging.info("initialised a fresh state")
+    if init_params is None:
+      logging.info("initialised a fresh state")
+    else:
+      state = _with_params(state, init_params)
+      logging.info("initialised a fresh state with the weights of %s",
+                   config.init_from_hf)
   else:
     latest, state, data_state = restored
     train_it.set_state(data_state)

@@ -113,6 +113,15 @@ class Tokenizer:
     out[1:-1] = body
     return out
 
+  @property
+  def adds_dummy_prefix(self) -> bool:
+    """Whether a text's first piece gets SentencePiece's "▁" prefix."""
+    return self._sp_rest is not self._sp
+
+  def piece(self, i: int) -> str:
+    """The piece string of id `i` (e.g. "<s>")."""
+    return self._sp.id_to_piece(int(i))
+
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """Text of ids; BOS/EOS/unk ids decode to ""."""
     return self._sp.decode([int(i) for i in ids])
