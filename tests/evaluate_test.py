@@ -87,23 +87,8 @@ def test_rolling_windows_predict_every_token_once():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-  """A tiny run on local text with a trained tokenizer (6 steps)."""
-  root = tmp_path_factory.mktemp("evalrun")
-  corpus = root / "corpus.txt"
-  words = ("the cat sat on a mat and the dog ran to the park while birds "
-           "sang in the tall green trees").split()
-  rng = np.random.default_rng(0)
-  docs = ["\n".join(" ".join(rng.choice(words, 12)) for _ in range(20))
-          for _ in range(20)]
-  corpus.write_text("\n<|endoftext|>\n".join(docs) + "\n<|endoftext|>\n")
-  workdir = root / "run"
-  r = faults.run_main(
-      "--config=configs/demo.py:smoke,recipe=fp4_paper",
-      f"--workdir={workdir}", "--config.data.source=text_files",
-      f"--config.data.train_files={corpus}", "--config.data.vocab_size=300",
-      "--config.data.val_fraction=0.1", "--config.model.compute_dtype=float32")
-  assert r.returncode == 0, r.stderr[-3000:]
-  return workdir
+  """A tiny fp4_paper run on local text with a trained tokenizer."""
+  return faults.text_run(tmp_path_factory.mktemp("evalrun"), "fp4_paper")
 
 
 @pytest.fixture(scope="module")

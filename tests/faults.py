@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import pathlib
+import random
 import subprocess
 import sys
 import time
@@ -129,6 +130,27 @@ def wait_for_step(proc: subprocess.Popen, workdir, step: int,
       raise AssertionError(f"no step {step} record (exit {proc.poll()}): "
                            f"{proc.stdout.read() if proc.stdout else ''}")
     time.sleep(0.3)
+
+
+def text_run(root, recipe: str, *extra: str, seed: int = 0) -> pathlib.Path:
+  """Trains the smoke model 6 steps on a small made-up text corpus with its
+  own 300-piece tokenizer (f32 compute); returns the workdir."""
+  root = pathlib.Path(root)
+  rng = random.Random(seed)
+  words = ("the cat sat on a mat and the dog ran to the park while birds "
+           "sang in the tall green trees").split()
+  docs = ["\n".join(" ".join(rng.choices(words, k=12)) for _ in range(20))
+          for _ in range(20)]
+  corpus = root / "corpus.txt"
+  corpus.write_text("\n<|endoftext|>\n".join(docs) + "\n<|endoftext|>\n")
+  workdir = root / "run"
+  r = run_main(
+      f"--config=configs/demo.py:smoke,recipe={recipe}", f"--workdir={workdir}",
+      "--config.data.source=text_files", f"--config.data.train_files={corpus}",
+      "--config.data.vocab_size=300", "--config.data.val_fraction=0.1",
+      "--config.model.compute_dtype=float32", *extra)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return workdir
 
 
 def last_line(text: str) -> str:
