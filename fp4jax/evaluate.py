@@ -110,46 +110,55 @@ def evaluate(a) -> dict[str, Any]:
   max_len = loaded.model_cfg.max_seq_len
   tok = loaded.tokenizer
   results: dict[str, Any] = {}
+  seconds: dict[str, float] = {}
   for name in names:
-    if name == TASK_PPL:
-      lls, n_tok, n_bytes = [], 0, 0
-      for f in files:
-        with open(f, encoding="utf-8") as fh:
-          text = fh.read()
-        ids = [tok.bos_id, *(int(t) for t in tok.encode(text))]
-        reqs = scoring.rolling_requests(ids, max_len)
-        out = scoring.score(forward, reqs, max_len=max_len,
-                            batch_size=a.batch_size,
-                            progress=_Progress(f"ppl {f}", len(reqs)))
-        lls += [ll for ll, _ in out]
-        n_tok += len(ids) - 1
-        n_bytes += len(text.encode("utf-8"))
-      results[name] = scoring.text_metrics(lls, n_tok, n_bytes)
-      continue
-    task_items = items[name]
-    from fp4jax.evaluation import tasks  # pylint: disable=import-outside-toplevel
-    kind = tasks.TASKS[name].kind
-    reqs = [scoring.encode_pair(tok, it.context, c)
-            for it in task_items for c in it.choices]
-    out = scoring.score(forward, reqs, max_len=max_len,
-                        batch_size=a.batch_size,
-                        progress=_Progress(name, len(reqs)))
-    if kind == "lambada":
-      results[name] = scoring.lambada_metrics(out)
-      continue
-    lls, k = [], 0
-    for it in task_items:
-      lls.append([ll for ll, _ in out[k:k + len(it.choices)]])
-      k += len(it.choices)
-    results[name] = scoring.multiple_choice_metrics(
-        lls, [it.choices for it in task_items], [it.gold for it in task_items])
-  _write(a.workdir, loaded.step, a.precision, a.limit, results)
-  print(markdown(results, loaded.step, a.precision, loaded.recipe))
+    t0 = time.perf_counter()
+    _run_task(name, items, files, tok, forward, max_len, a.batch_size,
+              results)
+    seconds[name] = time.perf_counter() - t0
+  _write(a.workdir, loaded.step, a.precision, a.limit, results, seconds)
+  print(markdown(results, loaded.step, a.precision, loaded.recipe, seconds))
   return results
 
 
+def _run_task(name, items, files, tok, forward, max_len, batch_size,
+              results) -> None:
+  """Scores one task into results[name]."""
+  from fp4jax.evaluation import scoring  # pylint: disable=import-outside-toplevel
+  from fp4jax.evaluation import tasks  # pylint: disable=import-outside-toplevel
+  if name == TASK_PPL:
+    lls, n_tok, n_bytes = [], 0, 0
+    for f in files:
+      with open(f, encoding="utf-8") as fh:
+        text = fh.read()
+      ids = [tok.bos_id, *(int(t) for t in tok.encode(text))]
+      reqs = scoring.rolling_requests(ids, max_len)
+      out = scoring.score(forward, reqs, max_len=max_len,
+                          batch_size=batch_size,
+                          progress=_Progress(f"ppl {f}", len(reqs)))
+      lls += [ll for ll, _ in out]
+      n_tok += len(ids) - 1
+      n_bytes += len(text.encode("utf-8"))
+    results[name] = scoring.text_metrics(lls, n_tok, n_bytes)
+    return
+  task_items = items[name]
+  reqs = [scoring.encode_pair(tok, it.context, c)
+          for it in task_items for c in it.choices]
+  out = scoring.score(forward, reqs, max_len=max_len, batch_size=batch_size,
+                      progress=_Progress(name, len(reqs)))
+  if tasks.TASKS[name].kind == "lambada":
+    results[name] = scoring.lambada_metrics(out)
+    return
+  lls, k = [], 0
+  for it in task_items:
+    lls.append([ll for ll, _ in out[k:k + len(it.choices)]])
+    k += len(it.choices)
+  results[name] = scoring.multiple_choice_metrics(
+      lls, [it.choices for it in task_items], [it.gold for it in task_items])
+
+
 def _write(workdir: str, step: int, precision: str, limit: int | None,
-           results: dict[str, Any]) -> None:
+           results: dict[str, Any], seconds: dict[str, float]) -> None:
   """Merges `results` into <workdir>/eval/step_<step>.json atomically."""
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
@@ -160,7 +169,8 @@ def _write(workdir: str, step: int, precision: str, limit: int | None,
       saved = json.load(f)
   entry = saved.setdefault(precision, {})
   for task, metrics in results.items():
-    entry[task] = {**metrics, "limit": limit}
+    entry[task] = {**metrics, "limit": limit,
+                   "seconds": round(seconds.get(task, 0.0), 2)}
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(saved, f, indent=2, sort_keys=True)
@@ -168,15 +178,18 @@ def _write(workdir: str, step: int, precision: str, limit: int | None,
 
 
 def markdown(results: dict[str, Any], step: int, precision: str,
-             recipe: str) -> str:
-  """A markdown table of `results`."""
+             recipe: str, seconds: dict[str, float] | None = None) -> str:
+  """A markdown table of `results` (and each task's evaluation time)."""
+  seconds = seconds or {}
   lines = [f"step {step}, recipe {recipe}, precision {precision}", "",
-           "| task | metric | value | stderr | n |", "|---|---|---|---|---|"]
+           "| task | metric | value | stderr | n | seconds |",
+           "|---|---|---|---|---|---|"]
   for task, metrics in results.items():
     for metric, m in metrics.items():
       err = "" if m["stderr"] is None else f"{m['stderr']:.4f}"
+      sec = f"{seconds[task]:.1f}" if task in seconds else ""
       lines.append(f"| {task} | {metric} | {m['value']:.4f} | {err} | "
-                   f"{m['n']} |")
+                   f"{m['n']} | {sec} |")
   return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ import pytest
 from fp4jax import evaluate
 from fp4jax.evaluation import loader
 from fp4jax.evaluation import scoring
+from fp4jax.evaluation import tasks
 import faults
 
 # f32 logits of the tiny model: a summed log-probability over a handful of
@@ -144,16 +145,22 @@ def test_the_cli_scores_tasks_and_perplexity_and_writes_the_results(run_dir,
                                                                      tmp_path):
   text = tmp_path / "t.txt"
   text.write_text("the cat sat on a mat\nthe dog ran to the park\n")
-  r = faults.run_main(f"--workdir={run_dir}",
-                      "--tasks=piqa,lambada_openai,ppl",
+  every = ",".join(tasks.TASKS)
+  r = faults.run_main(f"--workdir={run_dir}", f"--tasks={every},ppl",
                       f"--data_dir={_task_dir()}", f"--files={text}",
                       "--limit=2", module="fp4jax.evaluate")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "| piqa | acc |" in r.stdout and "| ppl | bits_per_byte |" in r.stdout
   saved = json.loads((run_dir / "eval" / "step_6.json").read_text())
-  piqa = saved["train"]["piqa"]
-  assert piqa["acc"]["n"] == 2 and piqa["limit"] == 2
-  assert 0.0 <= piqa["acc"]["value"] <= 1.0
+  for name, task in tasks.TASKS.items():   # a handful of items of each
+    got = saved["train"][name]
+    metric = "acc"
+    assert got[metric]["n"] == 2 and got["limit"] == 2, name
+    assert 0.0 <= got[metric]["value"] <= 1.0 and got["seconds"] >= 0
+    if task.kind == "lambada":
+      assert got["perplexity"]["value"] > 1.0
+    else:
+      assert "acc_norm" in got
   ppl = saved["train"]["ppl"]["token_perplexity"]["value"]
   assert 1.0 < ppl < 300 * 2     # a 6-step model: near the vocabulary size
 
@@ -178,6 +185,18 @@ def test_bad_input_is_one_line_and_writes_nothing(run_dir, args, match):
   assert faults.snapshot(run_dir) == before
 
 
+def test_a_run_without_a_tokenizer_is_one_line(tmp_path):
+  # The smoke run trains on synthetic tokens: no tokenizer to score text.
+  workdir = tmp_path / "synthetic"
+  assert faults.run_main("--config=configs/demo.py:smoke",
+                         f"--workdir={workdir}").returncode == 0
+  r = faults.run_main(f"--workdir={workdir}", "--tasks=ppl",
+                      f"--files={__file__}", module="fp4jax.evaluate")
+  assert r.returncode == 1
+  assert "the run has no tokenizer" in faults.last_line(r.stderr)
+  assert not (workdir / "eval").exists()
+
+
 def test_a_missing_workdir_is_one_line(tmp_path):
   r = faults.run_main(f"--workdir={tmp_path}/none",
                       "--tasks=ppl", f"--files={__file__}", module="fp4jax.evaluate")
@@ -189,4 +208,4 @@ def test_a_missing_workdir_is_one_line(tmp_path):
 def test_markdown_lists_every_metric():
   md = evaluate.markdown({"piqa": {"acc": {"value": 0.5, "stderr": 0.1,
                                            "n": 4}}}, 6, "train", "bf16")
-  assert "| piqa | acc | 0.5000 | 0.1000 | 4 |" in md
+  assert "| piqa | acc | 0.5000 | 0.1000 | 4 |  |" in md
