@@ -93,6 +93,22 @@ def _gather_json(obj: Any) -> list[Any]:
   return [json.loads(bytes(row).rstrip(b"\0")) for row in rows]
 
 
+def _raise_restore_error(step: int, step_dir: str, error: Exception,
+                         mismatch_text: str, mismatch: tuple[type, ...]):
+  """Re-raises a failed restore of `step_dir`: UnreadableCheckpoint when a
+  file is damaged, a one-line ValueError "checkpoint step S <mismatch_text>:
+  <first line>" for the `mismatch` kinds, else the error itself."""
+  reason = unreadable_reason(step_dir, error)
+  if reason is not None:
+    raise UnreadableCheckpoint(step, reason) from error
+  if not isinstance(error, mismatch):
+    raise error
+  text = str(error).strip()
+  first = text.splitlines()[0] if text else repr(error)
+  raise ValueError(f"checkpoint step {step} {mismatch_text}: {first}"
+                   ) from error
+
+
 class UnreadableCheckpoint(ValueError):
   """A checkpoint whose files are damaged or missing (not a model mismatch)."""
 
@@ -187,14 +203,10 @@ class Checkpointer:
     try:
       out = self._manager.restore(step, args=args)
     except Exception as e:  # orbax / tensorstore raise many kinds
-      reason = unreadable_reason(os.path.join(self.directory, str(step)), e)
-      if reason is not None:
-        raise UnreadableCheckpoint(step, reason) from e
-      if not isinstance(e, (ValueError, KeyError, TypeError)):
-        raise
-      first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-      raise ValueError(f"checkpoint step {step} in {self.directory} does not "
-                       f"match the model being built: {first}") from e
+      _raise_restore_error(step, os.path.join(self.directory, str(step)), e,
+                           f"in {self.directory} does not match the model "
+                           f"being built", mismatch=(ValueError, KeyError,
+                                                     TypeError))
     states = out.data["processes"]
     if len(states) != jax.process_count():
       raise ValueError(f"checkpoint step {step} in {self.directory} was "
@@ -281,12 +293,8 @@ def restore_state(workdir: str, step: int, abstract_state: Any) -> Any:
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(os.path.join(step_dir, "state"), abstract_state)
   except Exception as e:  # orbax / tensorstore raise many kinds
-    reason = unreadable_reason(step_dir, e)
-    if reason is not None:
-      raise UnreadableCheckpoint(step, reason) from e
-    first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    raise ValueError(f"checkpoint step {step} in {step_dir} does not match "
-                     f"the run's config.json: {first}") from e
+    _raise_restore_error(step, step_dir, e, f"in {step_dir} does not match "
+                         f"the run's config.json", mismatch=(Exception,))
 
 
 def _diff(saved: dict[str, Any], current: dict[str, Any], prefix: str

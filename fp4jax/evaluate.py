@@ -30,6 +30,8 @@ import sys
 import time
 from typing import Any
 
+from fp4jax.evaluation import tasks
+
 TASK_PPL = "ppl"
 
 
@@ -71,7 +73,6 @@ class _Progress:
 
 def _validate(a) -> tuple[list[str], dict[str, list[Any]], list[str]]:
   """Checks the arguments and reads the task files (cheap, no jax)."""
-  from fp4jax.evaluation import tasks  # pylint: disable=import-outside-toplevel
   names = [t for t in a.tasks.split(",") if t]
   if not names:
     raise ValueError("--tasks is empty")
@@ -125,7 +126,6 @@ def _run_task(name, items, files, tok, forward, max_len, batch_size,
               results) -> None:
   """Scores one task into results[name]."""
   from fp4jax.evaluation import scoring  # pylint: disable=import-outside-toplevel
-  from fp4jax.evaluation import tasks  # pylint: disable=import-outside-toplevel
   if name == TASK_PPL:
     lls, n_tok, n_bytes = [], 0, 0
     for f in files:
