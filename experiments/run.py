@@ -11,8 +11,12 @@ arms that two experiments share (the f32 baseline) run once; a finished arm
 is skipped and a killed one resumes from its checkpoint. Seeds run in the
 outer loop: seed 0 of every arm finishes first. The corpus is prepared and
 the tokenizer trained once under `<root>/_data`. Results go to
-`experiments/results/<name>/`: `table.md`, `summary.json`, `loss_curves.png`
-and `final_val.png`.
+`experiments/results/<name>/`: `table.md`, `summary.json`, `loss_curves.png`,
+`final_val.png` and `finished.json`, the ledger of every finished run (config
+hash -> final validation loss and training-loss curve). Reports read the
+ledgers of all experiments as well as the workdirs, so results committed
+from one machine still count, and are not rerun, on another with an empty
+`<root>`.
 
 Comparisons are paired: arm and baseline share seed, hence init and data
 order; the difference of final validation losses is taken per seed, in % of
@@ -86,6 +90,24 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   return out
 
 
+def _ledger_path(name: str) -> str:
+  return os.path.join(RESULTS, name, "finished.json")
+
+
+def read_ledgers() -> dict[str, dict[str, Any]]:
+  """{config hash: {"arm", "seed", "steps", "val", "curve"}} over every
+  experiment's committed finished.json."""
+  out: dict[str, dict[str, Any]] = {}
+  if not os.path.isdir(RESULTS):
+    return out
+  for name in sorted(os.listdir(RESULTS)):
+    path = _ledger_path(name)
+    if os.path.exists(path):
+      with open(path) as f:
+        out.update(json.load(f))
+  return out
+
+
 def final_val(records: list[dict[str, Any]], steps: int) -> float | None:
   for r in records:
     if r.get("step") == steps and "val_loss" in r:
@@ -155,7 +177,8 @@ class Runner:
     for seed in self.seeds:
       for arm in self.arms:
         wd = self.workdir(arm, seed)
-        if final_val(read_metrics(wd), self.steps) is not None:
+        if (final_val(read_metrics(wd), self.steps) is not None
+            or os.path.basename(wd) in read_ledgers()):
           continue
         os.makedirs(wd, exist_ok=True)
         with open(os.path.join(wd, "arm.json"), "w") as f:
@@ -177,23 +200,43 @@ class Runner:
 
   # ------------------------------------------------------------ report
   def collect(self) -> dict[str, dict[str, Any]]:
+    """Finished runs of every arm, from the workdirs and the ledgers; updates
+    this experiment's ledger with what the workdirs hold."""
     out = {}
+    ledgers = read_ledgers()
+    mine_path = _ledger_path(self.name)
+    mine = {}
+    if os.path.exists(mine_path):
+      with open(mine_path) as f:
+        mine = json.load(f)
     for arm in self.mod.ARMS:
       spec = self.mod.ARMS[arm]
       vals, curves = {}, {}
       # Every finished seed counts, also those run by an earlier, larger
       # --seeds than this call's.
       for seed in range(max(len(self.seeds), _MAX_SEEDS)):
-        recs = read_metrics(self.workdir(arm, seed))
+        h = arm_hash(self.config(arm, seed))
+        recs = read_metrics(os.path.join(self.root, "arms", h))
         v = final_val(recs, self.steps)
-        if v is None:
+        if v is not None:
+          curve = [(r["step"], r["loss"]) for r in recs
+                   if "loss" in r and r.get("step", 0) > 0]
+          mine[h] = {"arm": arm, "seed": seed, "steps": self.steps,
+                     "val": v, "curve": curve}
+        elif h in ledgers:
+          v, curve = ledgers[h]["val"], ledgers[h]["curve"]
+          mine.setdefault(h, ledgers[h])
+        else:
           continue
         vals[seed] = v
-        curves[seed] = [(r["step"], r["loss"]) for r in recs
-                        if "loss" in r and r.get("step", 0) > 0]
+        if curve:   # runs recorded before curves were kept have none
+          curves[seed] = [tuple(p) for p in curve]
       if vals:
         out[arm] = {"group": spec.group or arm, "lr": spec.arg("lr", 1e-3),
                     "val": vals, "curves": curves}
+    if mine:
+      os.makedirs(os.path.dirname(mine_path), exist_ok=True)
+      _write(mine_path, json.dumps(mine, sort_keys=True))
     return out
 
   def report(self) -> dict[str, Any] | None:
@@ -283,19 +326,22 @@ class Runner:
       print("matplotlib is not installed: no plots (pip install -e "
             "'.[notebooks]')", flush=True)
       return
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for arm, r in runs.items():
-      curve = _mean_curve(list(r["curves"].values()))
-      if curve:
-        ax.plot(*zip(*curve), label=f"{arm} (n={len(r['curves'])})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss (mean over seeds)")
-    ax.set_title(f"{self.name}: training loss")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110)
-    plt.close(fig)
+    if any(r["curves"] for r in runs.values()):
+      # Runs recorded only by their final loss (ledgers from before curves
+      # were kept) have no line; n counts the seeds that have one.
+      fig, ax = plt.subplots(figsize=(8, 5))
+      for arm, r in runs.items():
+        curve = _mean_curve(list(r["curves"].values()))
+        if curve:
+          ax.plot(*zip(*curve), label=f"{arm} (n={len(r['curves'])})")
+      ax.set_xlabel("step")
+      ax.set_ylabel("train loss (mean over seeds)")
+      ax.set_title(f"{self.name}: training loss")
+      ax.set_yscale("log")
+      ax.legend(fontsize=7)
+      fig.tight_layout()
+      fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110)
+      plt.close(fig)
     fig, ax = plt.subplots(figsize=(8, 0.5 + 0.4 * len(runs)))
     names = list(runs)
     for i, arm in enumerate(names):
