@@ -90,3 +90,33 @@ def test_best_lr_is_chosen_on_common_seeds(monkeypatch, tmp_path):
                       for a, v in runs.items()}}
   best = r._best_lr(summary, runs)   # pylint: disable=W0212
   assert best["f32"]["arm"] == "f32_lr0.003"
+
+
+def test_ledger_keeps_finished_runs_when_workdirs_are_gone(monkeypatch,
+                                                           tmp_path):
+  results = tmp_path / "results"
+  monkeypatch.setattr(run, "RESULTS", str(results))
+  root = tmp_path / "root"
+  r = run.Runner("lr_sweep", steps=200, seeds=1, root=str(root),
+                 arms=["f32_lr0.001"])
+  wd = r.workdir("f32_lr0.001", 0)
+  (root / "arms").mkdir(parents=True)
+  (tmp_path / "root" / "arms" / wd.rsplit("/", 1)[1]).mkdir()
+  recs = [{"step": 100, "loss": 5.9}, {"step": 200, "loss": 5.4},
+          {"step": 200, "val_loss": 5.47}]
+  with open(f"{wd}/metrics.jsonl", "w") as f:
+    f.write("".join(json.dumps(x) + "\n" for x in recs))
+  first = r.collect()
+  ledger = json.loads((results / "lr_sweep" / "finished.json").read_text())
+  assert [e["val"] for e in ledger.values()] == [5.47]
+  # A fresh machine: no workdir. Another experiment sharing the arm (the
+  # mechanism's f32 is lr_sweep's f32_lr0.001) finds it in the ledger.
+  fresh = run.Runner("mechanism", steps=200, seeds=1,
+                     root=str(tmp_path / "empty"), arms=["f32"])
+  got = fresh.collect()
+  assert got["f32"]["val"] == {0: 5.47} == first["f32_lr0.001"]["val"]
+  assert got["f32"]["curves"][0] == [(100, 5.9), (200, 5.4)]
+  # A different config (more steps) is not taken from the ledger.
+  longer = run.Runner("mechanism", steps=300, seeds=1,
+                      root=str(tmp_path / "empty"), arms=["f32"])
+  assert "f32" not in longer.collect()
