@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   """The default run: the 125m model in bf16 on synthetic tokens."""
   c = ml_collections.ConfigDict()
   c.seed = 0                  # base PRNG seed: init, step and data keys
-  c.prng_impl = "threefry2x32"  # or "rbg": GPU init compiles in s, not min
+  c.prng_impl = "auto"  # rbg on GPU (init compiles in s, not min), else threefry2x32
   c.num_steps = 20_000        # optimizer steps; also the LR schedule length
   c.log_every = 50            # steps between log lines / metrics records
   c.eval_every = 1_000        # steps between validation passes (0 = at end)
@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = False     # embedding doubles as LM head
   c.model.compute_dtype = "bfloat16"  # activations and matmul operands
   c.model.param_dtype = "float32"     # dtype parameters are created in
-  c.model.attention = "xla"   # xla (any backend) | cudnn (fused, GPU)
+  c.model.attention = "auto"  # cudnn on GPU w/o segment_ids, else xla | xla | cudnn
 
   c.quant = ml_collections.ConfigDict()
   c.quant.recipe = "bf16"     # fp4jax.qconfig.RECIPES name (fp4_paper, ...)

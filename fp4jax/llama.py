@@ -33,6 +33,22 @@ ACT_BTD = ("act_batch", "act_seq", "act_embed")
 INIT_STD = 0.02  # GPT-2 / LLaMA-style init for embeddings and projections.
 
 
+ATTENTIONS = ("auto", "xla", "cudnn")
+
+
+def attention_impl(attention: str, segmented: bool = False) -> str:
+  """What LlamaConfig.attention = `attention` runs as: "xla" or "cudnn".
+
+  "auto" is cuDNN's fused flash attention on GPU (it never materialises the
+  [T, T] scores) unless documents are packed with segment_ids, which it
+  does not take; xla everywhere else (cuDNN attention does not exist on CPU).
+  Resolved in Python, before tracing.
+  """
+  if attention != "auto":
+    return attention
+  return "cudnn" if jax.default_backend() == "gpu" and not segmented else "xla"
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Model shape and numerics. Hashable: usable as a static jit argument.
@@ -50,9 +66,10 @@ class LlamaConfig:
     tie_embeddings: use the embedding transposed as the LM head.
     compute_dtype: dtype of activations and matmul operands.
     param_dtype: dtype parameters are stored in.
-    attention: "xla" (einsum + softmax, any backend, segment masks) or
+    attention: "xla" (einsum + softmax, any backend, segment masks),
       "cudnn" (fused flash attention via jax.nn.dot_product_attention on
-      NVIDIA GPUs; causal only, no segment_ids).
+      NVIDIA GPUs; causal only, no segment_ids) or "auto" (cudnn on GPU
+      without segment_ids, xla otherwise; see `attention_impl`).
   """
   vocab_size: int
   d_model: int
@@ -66,11 +83,11 @@ class LlamaConfig:
   tie_embeddings: bool = False
   compute_dtype: str = "bfloat16"
   param_dtype: str = "float32"
-  attention: str = "xla"
+  attention: str = "auto"
 
   def __post_init__(self):
-    if self.attention not in ("xla", "cudnn"):
-      raise ValueError(f"LlamaConfig.attention must be 'xla' or 'cudnn', "
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"LlamaConfig.attention must be one of {ATTENTIONS}, "
                        f"got {self.attention!r}")
     for name in ("vocab_size", "d_model", "n_layers", "n_heads",
                  "n_kv_heads", "d_ff", "max_seq_len"):
@@ -249,8 +266,10 @@ class Attention(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x_btd: jax.Array, positions_bt: jax.Array,
-               mask_bts: jax.Array, key: jax.Array | None) -> jax.Array:
-    """x_btd: [B, T, D]; mask_bts: [B, T, S] bool (True = may attend)."""
+               mask_bts: jax.Array | None, key: jax.Array | None
+               ) -> jax.Array:
+    """x_btd: [B, T, D]; mask_bts: [B, T, S] bool (True = may attend), or
+    None for causal attention through cuDNN's fused kernel."""
     cfg = self.cfg
     b, t, _ = x_btd.shape
     g, r, kd = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim
@@ -259,9 +278,9 @@ class Attention(nnx.Module):
     v = self.v_proj(x_btd, key).reshape(b, t, g, kd)
     q = apply_rope(q, positions_bt, cfg.rope_theta).reshape(b, t, g, r, kd)
     k = apply_rope(k, positions_bt, cfg.rope_theta)
-    if cfg.attention == "cudnn":
-      # Fused causal flash attention; mask_bts is the causal mask here
-      # (segment_ids are rejected at the model's entry).
+    if mask_bts is None:
+      # Fused causal flash attention (segment_ids never come this way:
+      # attention_impl chose xla for them).
       o = jax.nn.dot_product_attention(
           q.reshape(b, t, g * r, kd), k, v, is_causal=True,
           implementation="cudnn")
@@ -387,10 +406,12 @@ class Llama(nnx.Module):
     if segment_ids is not None and cfg.attention == "cudnn":
       raise ValueError("LlamaConfig.attention='cudnn' supports causal "
                        "masks only; use attention='xla' with segment_ids")
-    causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
-    mask = jnp.broadcast_to(causal, (b, t, t))
-    if segment_ids is not None:
-      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    mask = None    # None: fused causal attention, no mask materialised
+    if attention_impl(cfg.attention, segmented=segment_ids is not None) == "xla":
+      causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
+      mask = jnp.broadcast_to(causal, (b, t, t))
+      if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
     x = sharding.constrain(x, ACT_BTD)
     for layer in self.layers:

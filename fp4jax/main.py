@@ -106,6 +106,7 @@ from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
 from fp4jax import distributed  # pylint: disable=g-import-not-at-top
+from fp4jax import llama  # pylint: disable=g-import-not-at-top
 from fp4jax import rundir  # pylint: disable=g-import-not-at-top
 from fp4jax import train  # pylint: disable=g-import-not-at-top
 
@@ -139,15 +140,30 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"error: {_first_line(e)}")
 
 
+def resolve_prng_impl(name: str) -> str:
+  """"auto" -> "rbg" on GPU (the 125m init's threefry graph took minutes to
+  compile on an H200, rbg seconds), "threefry2x32" elsewhere (bit-stable
+  with every CPU run so far); any other name as given."""
+  if name != "auto":
+    return name
+  return "rbg" if jax.default_backend() == "gpu" else "threefry2x32"
+
+
 def _run(config, workdir: str) -> int:
   distributed.initialize(config.distributed)   # before any device is used
   if jax.process_index() > 0:
     # One console: other processes speak only at WARNING and above.
     logging.set_verbosity(logging.WARNING)
+  prng = resolve_prng_impl(config.prng_impl)
   try:
-    jax.config.update("jax_default_prng_impl", config.prng_impl)
+    jax.config.update("jax_default_prng_impl", prng)
   except ValueError as e:
     raise ValueError(f"config.prng_impl: {e}") from None
+  logging.info("backend %s: prng_impl=%s -> %s, model.attention=%s -> %s",
+               jax.default_backend(), config.prng_impl, prng,
+               config.model.attention, llama.attention_impl(
+                   config.model.attention,
+                   segmented=bool(config.data.get("segment_ids", False))))
   done = train.finished_step(config, workdir)
   if done is not None and jax.process_index() == 0:
     logging.info("the run in %s already finished at step %d "

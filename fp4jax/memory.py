@@ -50,7 +50,7 @@ def activation_bytes_per_token(cfg: llama.LlamaConfig, seq_len: int,
   d, f = cfg.d_model, cfg.d_ff
   kv = cfg.n_kv_heads * cfg.head_dim
   attn = c * (d + d + (d + 2 * kv) + d)
-  attn += (c * cfg.n_heads * seq_len if cfg.attention == "xla"
+  attn += (c * cfg.n_heads * seq_len if llama.attention_impl(cfg.attention) == "xla"
            else 4 * cfg.n_heads)
   mlp = c * (2 * d + 3 * f)
   per_layer = attn + mlp

@@ -317,3 +317,22 @@ def test_fp4_gradients_finite():
     assert np.isfinite(np.asarray(leaf)).all()
   q = np.asarray(g["layers"][0]["attn"]["q_proj"]["kernel"][...])
   assert np.abs(q).max() > 0
+
+
+def test_auto_attention_is_cudnn_on_gpu_only_without_segments(monkeypatch):
+  assert llama.attention_impl("auto") == "xla"       # this CPU
+  assert llama.attention_impl("cudnn") == "cudnn"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert llama.attention_impl("auto") == "cudnn"
+  assert llama.attention_impl("auto", segmented=True) == "xla"
+  assert llama.attention_impl("xla") == "xla"
+  with pytest.raises(ValueError, match="attention must be one of"):
+    llama.LlamaConfig(8, 8, 1, 1, 1, 8, 8, attention="flash")
+
+
+def test_auto_prng_is_rbg_on_gpu_only(monkeypatch):
+  from fp4jax import main   # pylint: disable=g-import-not-at-top
+  assert main.resolve_prng_impl("auto") == "threefry2x32"
+  assert main.resolve_prng_impl("rbg") == "rbg"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert main.resolve_prng_impl("auto") == "rbg"
