@@ -18,7 +18,8 @@ from fp4jax import numerics
 
 SCALE_FMTS = ("f32", "e8m0", "e4m3")
 COMPENSATIONS = ("none", "dense", "sparse")
-IMPLS = ("auto", "reference", "fast", "fp8")
+IMPLS = ("auto", "reference", "fast", "fp8", "xla", "pallas")
+ACCUMULATIONS = ("fp32", "fast")
 
 
 # Annotation word -> accepted Python types (bool is not a number here:
@@ -119,9 +120,15 @@ class Recipe:
     hw_faithful: re-quantize x and w along the backward GEMMs' own
       contraction axes (as hardware must) instead of reusing the forward's
       quantized operands (exact only in simulation).
-    impl: GEMM implementation: "reference" (f32 operands, the oracle),
-      "fast" (bf16 operands), "fp8" (forward grid GEMM in FP8 E4M3, exact
-      for FP4 and E4M3 grids), "auto" (reference on CPU, fast elsewhere).
+    impl: GEMM implementation (fp4jax.gemm.IMPLS): "reference" (f32
+      operands, the oracle), "fast" (bf16 operands), "fp8" (forward grid
+      GEMM in FP8 E4M3, exact for FP4 and E4M3 grids), "xla" (every GEMM
+      whose scales factor out in FP8 through XLA: the forward; with
+      hw_faithful also dgrad and wgrad), "pallas" ("xla" plus the Pallas
+      fused OCC + quantize row kernel), "auto" (reference on CPU, fast
+      elsewhere).
+    accumulation: FP8 GEMMs on GPU: "fp32" (exact simulation) or "fast"
+      (cuBLASLt fast accumulation, XLA's default for FP8).
   """
   name: str = "custom"
   x: TensorQuant | None = None
@@ -135,6 +142,7 @@ class Recipe:
   compensation: str | None = None
   hw_faithful: bool = False
   impl: str = "auto"
+  accumulation: str = "fp32"
 
   def __post_init__(self):
     _check_field_types(self)
@@ -160,6 +168,9 @@ class Recipe:
                        f"expected one of {COMPENSATIONS}")
     if self.impl not in IMPLS:
       raise ValueError(f"unknown impl {self.impl!r}; expected one of {IMPLS}")
+    if self.accumulation not in ACCUMULATIONS:
+      raise ValueError(f"unknown accumulation {self.accumulation!r}; "
+                       f"expected one of {ACCUMULATIONS}")
     if self.occ_alpha is not None and self.x is None:
       raise ValueError("occ_alpha is set but activations are not quantized "
                        "(x=None)")

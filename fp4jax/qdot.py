@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
-from fp4jax import numerics, quant
+from fp4jax import gemm, numerics, quant
 from fp4jax.qconfig import RECIPES, Recipe, TensorQuant, get_recipe
 
 __all__ = ["qmatmul", "get_recipe", "make_dot_general", "RECIPES",
@@ -30,50 +28,27 @@ _NT = (((1,), (1,)), ((), ()))   # [M, N] @ [K, N]^T -> [M, K]
 _TN = (((0,), (0,)), ((), ()))   # [M, K]^T @ [M, N] -> [K, N]
 
 
-class GemmImpl(NamedTuple):
-  """How GEMMs run. grid_dtype: operands holding raw grid values (exact in
-  it); deq_dtype: operands holding dequantized / high-precision values."""
-  grid_dtype: object
-  deq_dtype: object
+# The one dispatch point for GEMM implementations (fp4jax.gemm.IMPLS),
+# resolved before tracing by dict lookup.
+GEMM_IMPLS = gemm.IMPLS
 
 
-# One dispatch point for GEMM implementations, resolved before tracing by
-# dict lookup (a Pallas FP8 kernel registers here later).
-GEMM_IMPLS: dict[str, GemmImpl] = {
-    # f32 operands everywhere: the oracle; fast on CPU, where bf16 dots are
-    # emulated anyway.
-    "reference": GemmImpl(jnp.float32, jnp.float32),
-    # bf16 operands: exact for the forward grid GEMM (FP4/FP8 grid values
-    # have <= 4 significant bits); NOT exact for dequantized operands
-    # (float scales), which are rounded to bf16 as in the paper's BF16
-    # simulation (~2^-8 relative).
-    "fast": GemmImpl(jnp.bfloat16, jnp.bfloat16),
-    # The paper's simulation: FP4 grid values carried exactly in FP8 E4M3
-    # so the forward GEMM runs on FP8 tensor cores (Hopper); the rest bf16.
-    "fp8": GemmImpl(jnp.float8_e4m3fn, jnp.bfloat16),
-}
-
-
-def _impl(recipe: Recipe) -> GemmImpl:
-  name = recipe.impl
-  if name == "auto":
-    name = "reference" if jax.default_backend() == "cpu" else "fast"
-  return GEMM_IMPLS[name]
+def _impl(recipe: Recipe) -> gemm.GemmImpl:
+  return GEMM_IMPLS[gemm.resolve(recipe.impl)]
 
 
 def _dot(a, b, dims, dtype):
-  precision = (jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None)
-  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims,
-                             precision=precision,
-                             preferred_element_type=jnp.float32)
+  return gemm.dot(a, b, dims, dtype)
 
 
-def _per_row(q: TensorQuant) -> bool:    # scale factors out of [M, K] rows
-  return not q.block and q.axis in (None, 1, -1)
+def _op(q, fmt: str) -> gemm.Operand:
+  """A quant.QTensor as a GEMM operand on fmt's grid."""
+  return gemm.Operand(q.values, q.scale, fmt)
 
 
-def _per_col(q: TensorQuant) -> bool:    # scale factors out of [K, N] cols
-  return not q.block and q.axis in (None, 0, -2)
+def _raw(v) -> gemm.Operand:
+  """An operand that is on no grid (dequantized, residual, raw)."""
+  return gemm.Operand(v)
 
 
 def _keys(key, n):
@@ -100,14 +75,11 @@ def _fwd_core(x, w, r: Recipe, key):
     x_eff = x_deq + resid
     y = _dot(x_eff, w_deq, _NN, impl.deq_dtype)
   else:
-    if qx is not None and qw is not None and _per_row(r.x) and _per_col(r.w):
-      # Exact FP4 GEMM simulation: scales factor out of the K-sum,
-      # Y = diag(1/sx) (Q(X sx) @ Q(W sw)) diag(1/sw).
-      gdt = impl.grid_dtype
-      if gdt == jnp.float8_e4m3fn and "e5m2" in (r.x.fmt, r.w.fmt):
-        gdt = jnp.bfloat16   # E5M2's range does not fit in E4M3
-      y = _dot(qx.values, qw.values, _NN, gdt)
-      y = y / qx.scale / qw.scale
+    if qx is not None and qw is not None:
+      # Exact FP4 GEMM simulation where the scales factor out of the K-sum,
+      # Y = diag(1/sx) (Q(X sx) @ Q(W sw)) diag(1/sw); dequantized else.
+      y = gemm.qdot(_op(qx, r.x.fmt), _op(qw, r.w.fmt), _NN, impl,
+                    accumulation=r.accumulation)
     else:
       y = _dot(x_deq, w_deq, _NN, impl.deq_dtype)
     x_eff = x_deq
@@ -153,12 +125,16 @@ def _dge_scale(r: Recipe, qw, w32):
   return qw.scale if qw is not None else quant.compute_scale(w32, _DGE_GRID)
 
 
-def _requant(v32, q: TensorQuant | None, axis: int, key):
+def _requant(v32, q: TensorQuant | None, axis: int, key) -> gemm.Operand:
   """Hardware-faithful: re-quantize a stored operand along `axis`."""
   if q is None:
-    return v32
+    return _raw(v32)
   q2 = dataclasses.replace(q, axis=None if q.axis is None else axis)
-  return quant.quantize(v32, q2, key).dequantize()
+  return _op(quant.quantize(v32, q2, key), q.fmt)
+
+
+def _quant_grad(g32, q: TensorQuant | None, key) -> gemm.Operand:
+  return _raw(g32) if q is None else _op(quant.quantize(g32, q, key), q.fmt)
 
 
 def _bwd_core(r: Recipe, res, g):
@@ -180,31 +156,35 @@ def _bwd_core(r: Recipe, res, g):
   g32 = g.astype(jnp.float32)
   if r.hw_faithful:
     # dgrad contracts over N: w is re-scaled along N; wgrad contracts over
-    # M: x along M.
+    # M: x along M. Their scales then lie on the free dims and factor out,
+    # so these GEMMs can run on grid values (FP8 with impl "xla").
     w_d = _requant(w.astype(jnp.float32), r.w, 1, k_w)
     x_w = _requant(xc.astype(jnp.float32), r.x, 0, k_x)
     if comp == "dense":
-      x_w = x_w + resid
+      x_w = _raw(x_w.dequantize() + resid)
   else:
-    w_d, x_w = w_deq, x_eff        # the forward's quantized operands
-  gq_d = (quant.quantize(g32, r.g_dgrad, k_gd).dequantize()
-          if r.g_dgrad is not None else g32)
+    # The forward's quantized operands: their scales lie along these GEMMs'
+    # contractions, so the GEMMs take them dequantized.
+    w_d, x_w = _raw(w_deq), _raw(x_eff)
+  gq_d = _quant_grad(g32, r.g_dgrad, k_gd)
   if r.g_wgrad == r.g_dgrad and (r.g_wgrad is None
                                  or r.g_wgrad.rounding != "stochastic"):
     gq_w = gq_d
   else:
-    gq_w = (quant.quantize(g32, r.g_wgrad, k_gw).dequantize()
-            if r.g_wgrad is not None else g32)
-  dx = _dot(gq_d, w_d, _NT, impl.deq_dtype)
-  dw = _dot(x_w, gq_w, _TN, impl.deq_dtype)
+    gq_w = _quant_grad(g32, r.g_wgrad, k_gw)
+  bwd = functools.partial(gemm.qdot, impl=impl, backward=True,
+                          accumulation=r.accumulation)
+  dx = bwd(gq_d, w_d, _NT)
+  dw = bwd(x_w, gq_w, _TN)
   if _uses_dge(r):
     # DGE: d(dequantized W)/dW evaluated on the scaled weight (RECIPE §3).
     dw = dw * quant.dge_derivative(w.astype(jnp.float32) * sw, r.dge_k,
                                    r.dge_cap, _dge_spec(r).fmt)
   if comp == "sparse":
     r32 = resid.astype(jnp.float32)
-    dw = dw + _dot(r32, gq_w, _TN, impl.deq_dtype)
-    dx_raw = _dot(gq_d, w.astype(jnp.float32), _NT, impl.deq_dtype)
+    gq_w32, gq_d32 = gq_w.dequantize(), gq_d.dequantize()
+    dw = dw + _dot(r32, gq_w32, _TN, impl.deq_dtype)
+    dx_raw = _dot(gq_d32, w.astype(jnp.float32), _NT, impl.deq_dtype)
     dx = jnp.where(r32 != 0, dx_raw, dx)
   return dx, dw
 

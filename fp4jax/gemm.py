@@ -1,0 +1,192 @@
+"""GEMMs on quantized operands: which dtype each operand travels in, and
+when a scaled GEMM can run on the raw grid values.
+
+Owns: `GemmImpl` and the table `IMPLS` (the one dispatch point for GEMM
+implementations, chosen by `Recipe.impl` outside jit), `resolve` ("auto"),
+and `qdot(a, b, dims, impl)`, which multiplies two `Operand`s.
+
+An operand quantized as values / scale, with the scale constant along the
+GEMM's contraction (per row of the lhs, per column of the rhs, or per
+tensor), factors out of the K-sum:
+
+  (Va / sa) @ (Vb / sb) = diag(1/sa) (Va @ Vb) diag(1/sb),
+
+so the GEMM runs on the grid values, which are exact in FP8 (every FP4 grid
+and E4M3 in float8_e4m3fn, E5M2 in float8_e5m2), and the scales are applied
+after the dot, where XLA:GPU can fuse them into the epilogue. A per-row or
+per-column scale multiplied into an operand *before* the dot stops XLA's
+GemmRewriter from emitting a cuBLASLt FP8 GEMM (GPU-NOTES §1), so this is
+the only form that runs on FP8 tensor cores. Operands whose scales lie along
+the contraction (the forward's per-token X in the wgrad, its per-channel W
+in the dgrad) or vary within it (block scales) are multiplied dequantized,
+in `deq_dtype`.
+
+Must not import: flax, ml_collections, fp4jax modules right of `quant`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fp4jax import numerics
+
+__all__ = ["GemmImpl", "IMPLS", "Operand", "resolve", "qdot"]
+
+
+class GemmImpl(NamedTuple):
+  """How the GEMMs of a quantized matmul run.
+
+  Attributes:
+    grid: dtype family for raw grid values: "f32", "bf16" (both exact for
+      every FP4 / FP8 grid) or "fp8" (E4M3 / E5M2 operands: FP8 tensor cores).
+    deq_dtype: operands that are not on a grid (dequantized with scales
+      along the contraction, raw weights, residuals, unquantized gradients).
+    grid_backward: also run the dgrad and wgrad GEMMs on grid values where
+      the scales factor out (False: only the forward, the paper's
+      simulation; its backward GEMMs are BF16).
+  """
+  grid: str
+  deq_dtype: object
+  grid_backward: bool
+
+
+IMPLS: dict[str, GemmImpl] = {
+    # f32 operands everywhere: the oracle; fast on CPU, where bf16 dots are
+    # emulated anyway.
+    "reference": GemmImpl("f32", jnp.float32, True),
+    # bf16 operands: exact for grid values (FP4/FP8 grid values have <= 4
+    # significant bits); NOT exact for dequantized operands (float scales),
+    # which are rounded to bf16 as in the paper's BF16 simulation (~2^-8).
+    "fast": GemmImpl("bf16", jnp.bfloat16, True),
+    # The paper's simulation: the forward's FP4 grid values carried exactly
+    # in FP8 E4M3 so the forward GEMM runs on FP8 tensor cores; the backward
+    # in bf16.
+    "fp8": GemmImpl("fp8", jnp.bfloat16, False),
+    # Every GEMM whose scales factor out on FP8 tensor cores through XLA
+    # (cuBLASLt): forward E4M3 x E4M3; with hw_faithful recipes (operands
+    # re-quantized along the backward GEMMs' own axes, as hardware must),
+    # dgrad E5M2 x E4M3 and wgrad E4M3 x E5M2 too.
+    "xla": GemmImpl("fp8", jnp.bfloat16, True),
+}
+# "pallas" = "xla" GEMMs, with the Pallas fused row quantizer for OCC'd
+# activations (qdot chooses it; the GEMMs are the same).
+IMPLS["pallas"] = IMPLS["xla"]
+
+
+def resolve(name: str) -> str:
+  """"auto" -> "reference" on CPU (f32 dots are the fast ones there),
+  "fast" on accelerators (measured on an H200: bench/RESULTS.md; "xla"
+  becomes the default there once its device figures are in)."""
+  if name != "auto":
+    return name
+  return "reference" if jax.default_backend() == "cpu" else "fast"
+
+
+class Operand(NamedTuple):
+  """A GEMM operand: `values / scale`, on the grid of `fmt` if fmt is set.
+
+  values: [R, C] float32 (grid values if fmt, else the operand itself);
+  scale: broadcastable to values (keepdims [R, 1], [1, C], [1, 1]), or None
+  for 1; fmt: a numerics.FORMATS name, or None (not on a grid).
+  """
+  values: jax.Array
+  scale: jax.Array | None = None
+  fmt: str | None = None
+
+  def dequantize(self) -> jax.Array:
+    v = self.values.astype(jnp.float32)
+    return v if self.scale is None else v / self.scale
+
+
+def _fp8_dtype(fmt: str):
+  """The FP8 dtype that holds every value of fmt's grid exactly."""
+  if fmt == "e5m2":
+    return jnp.float8_e5m2
+  f = numerics.get_format(fmt)
+  if f.is_fp4 or fmt == "e4m3":
+    # E2M1 / E1M2 / E3M0 grids: <= 3 mantissa bits within E4M3's range.
+    return jnp.float8_e4m3fn
+  raise ValueError(f"no FP8 dtype holds the {fmt} grid exactly")
+
+
+def _grid_dtypes(fa: str, fb: str, grid: str):
+  if grid == "f32":
+    return jnp.float32, jnp.float32
+  if grid == "bf16":
+    return jnp.bfloat16, jnp.bfloat16
+  da, db = _fp8_dtype(fa), _fp8_dtype(fb)
+  if da == db == jnp.float8_e5m2:
+    # cuBLASLt rejects E5M2 x E5M2 (XLA falls back to f16); bf16 is exact.
+    return jnp.bfloat16, jnp.bfloat16
+  return da, db
+
+
+def _factors_out(op: Operand, contract: int) -> bool:
+  return (op.fmt is not None
+          and (op.scale is None or op.scale.shape[contract] == 1))
+
+
+def _free_scale(op: Operand, as_row: bool):
+  """The scale along the operand's free dim, shaped for the [rows, cols]
+  output: [rows, 1] for the lhs (as_row), [1, cols] for the rhs."""
+  if op.scale is None:
+    return None
+  s = op.scale.reshape(-1) if op.scale.size > 1 else op.scale.reshape(())
+  if s.ndim == 0:
+    return s
+  return s.reshape(-1, 1) if as_row else s.reshape(1, -1)
+
+
+def _precision(dtypes, accumulation: str):
+  """FP8 dots: fp32 accumulation (exact simulation) or cuBLASLt's fast
+  accumulation, which is XLA's default for FP8 at DEFAULT precision. The
+  algorithm presets exist only on GPU; CPU FP8 dots accumulate in f32."""
+  if dtypes[0] == jnp.float32:
+    return jax.lax.Precision.HIGHEST
+  fp8 = all(jnp.dtype(d).itemsize == 1 for d in dtypes)
+  if not fp8 or jax.default_backend() != "gpu":
+    return None
+  if accumulation == "fp32":
+    return jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32
+  return jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32_FAST_ACCUM
+
+
+def dot(a, b, dims, dtype):
+  """Plain dot of two arrays cast to `dtype`, f32 result."""
+  precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims,
+                             precision=precision,
+                             preferred_element_type=jnp.float32)
+
+
+def qdot(a: Operand, b: Operand, dims, impl: GemmImpl, *,
+         backward: bool = False, accumulation: str = "fp32") -> jax.Array:
+  """a @ b for 2-D operands with one contracting dim each, f32 result.
+
+  Args:
+    a, b: the operands ([M, K] / [K, M] and [K, N] / [N, K] per dims).
+    dims: lax.dot_general dimension numbers, no batch dims.
+    impl: how to run it.
+    backward: this is a dgrad or wgrad GEMM (grid only if
+      impl.grid_backward).
+    accumulation: "fp32" | "fast" (FP8 dots on GPU only).
+
+  Returns:
+    [rows of a's free dim, cols of b's free dim] float32.
+  """
+  (lc,), (rc,) = dims[0]
+  grid = (_factors_out(a, lc) and _factors_out(b, rc)
+          and (impl.grid_backward or not backward))
+  if not grid:
+    return dot(a.dequantize(), b.dequantize(), dims, impl.deq_dtype)
+  da, db = _grid_dtypes(a.fmt, b.fmt, impl.grid)
+  y = jax.lax.dot_general(a.values.astype(da), b.values.astype(db), dims,
+                          precision=_precision((da, db), accumulation),
+                          preferred_element_type=jnp.float32)
+  for s in (_free_scale(a, True), _free_scale(b, False)):
+    if s is not None:
+      y = y / s
+  return y

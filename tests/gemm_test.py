@@ -1,0 +1,133 @@
+"""GEMMs on grid values: scales factored out of the contraction, the FP8
+dtypes each format travels in, and FP8 GEMMs in the lowered train-step
+graph (impl "xla"), against float64 numpy."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fp4jax import gemm
+from fp4jax import qdot
+from fp4jax import quant
+from fp4jax.qconfig import TensorQuant
+
+_NN = (((1,), (0,)), ((), ()))
+_NT = (((1,), (1,)), ((), ()))
+_TN = (((0,), (0,)), ((), ()))
+# Grid values are exact in every dtype used; what remains is f32 division by
+# the scales and f32 accumulation of K = 64 terms: <= ~64 * 2^-24 relative to
+# sum |a||b| (bounded here by the Frobenius norms' product / sqrt(size)).
+F32_RTOL = 1e-5
+
+
+def _quantized(shape, axis, fmt, seed):
+  x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+  q = quant.quantize(jnp.asarray(x), TensorQuant(fmt=fmt, axis=axis,
+                                                 rounding="rne"))
+  return gemm.Operand(q.values, q.scale, fmt)
+
+
+def _f64(op):
+  return np.asarray(op.values, np.float64) / np.asarray(op.scale, np.float64)
+
+
+def _rel(got, want):
+  return float(np.linalg.norm(np.asarray(got, np.float64) - want)
+               / np.linalg.norm(want))
+
+
+@pytest.mark.parametrize("dims,sa,sb", [
+    # forward: X per token, W per output channel
+    (_NN, ((8, 64), 1, "e2m1"), ((64, 16), 0, "e2m1")),
+    # dgrad: G per tensor (E5M2), W re-scaled per row (along N)
+    (_NT, ((8, 16), None, "e5m2"), ((64, 16), 1, "e2m1")),
+    # wgrad: X re-scaled per column (along M), G per tensor
+    (_TN, ((8, 64), 0, "e2m1"), ((8, 16), None, "e5m2")),
+])
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_grid_gemm_with_scales_after_the_dot_is_exact(dims, sa, sb, impl):
+  a, b = _quantized(*sa, 0), _quantized(*sb, 1)
+  y = gemm.qdot(a, b, dims, gemm.IMPLS[impl], backward=True)
+  (lc,), (rc,) = dims[0]
+  want = np.tensordot(_f64(a), _f64(b), axes=(lc, rc))
+  assert _rel(y, want) < F32_RTOL
+
+
+def test_fp8_dtypes_per_format():
+  assert gemm._grid_dtypes("e2m1", "e2m1", "fp8") == (   # pylint: disable=W0212
+      jnp.float8_e4m3fn, jnp.float8_e4m3fn)
+  assert gemm._grid_dtypes("e5m2", "e3m0", "fp8") == (   # pylint: disable=W0212
+      jnp.float8_e5m2, jnp.float8_e4m3fn)
+  # cuBLASLt rejects E5M2 x E5M2; bf16 holds both exactly.
+  assert gemm._grid_dtypes("e5m2", "e5m2", "fp8") == (   # pylint: disable=W0212
+      jnp.bfloat16, jnp.bfloat16)
+  # Every FP4 grid value and every E5M2 value survives its FP8 dtype.
+  for fmt in ("e2m1", "e1m2", "e3m0"):
+    op = _quantized((4, 64), 1, fmt, 2)
+    v = np.asarray(op.values)
+    assert np.array_equal(v.astype(jnp.float8_e4m3fn).astype(np.float32), v)
+
+
+def test_scales_along_the_contraction_take_the_dequantized_path():
+  # Per-token X in the wgrad: its scale varies along M, the contraction.
+  a = _quantized((8, 64), 1, "e2m1", 3)
+  b = _quantized((8, 16), None, "e5m2", 4)
+  y = gemm.qdot(a, b, _TN, gemm.IMPLS["reference"], backward=True)
+  want = _f64(a).T @ _f64(b)
+  assert _rel(y, want) < F32_RTOL
+  fn = jax.jit(lambda av, asc, bv, bsc: gemm.qdot(
+      gemm.Operand(av, asc, "e2m1"), gemm.Operand(bv, bsc, "e5m2"), _TN,
+      gemm.IMPLS["xla"], backward=True))
+  text = fn.lower(a.values, a.scale, b.values, b.scale).as_text()
+  assert "f8E" not in text
+
+
+def test_fast_accumulation_is_a_gpu_precision_choice(monkeypatch):
+  f8 = (jnp.float8_e4m3fn, jnp.float8_e4m3fn)
+  assert gemm._precision(f8, "fp32") is None        # pylint: disable=W0212
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert (gemm._precision(f8, "fp32")               # pylint: disable=W0212
+          == jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32)
+  assert (gemm._precision(f8, "fast")               # pylint: disable=W0212
+          == jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32_FAST_ACCUM)
+  with pytest.raises(ValueError, match="unknown accumulation"):
+    qdot.get_recipe("fp4_paper", accumulation="tf32")
+
+
+def _grads_fn(recipe):
+  def loss(x, w, g):
+    return jnp.sum(qdot.qmatmul(x, w, recipe) * g)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def _fp8_dots(text):
+  return [l for l in text.splitlines() if "dot_general" in l
+          and re.search(r"f8E(4M3FN|5M2)", l)]
+
+
+@pytest.mark.parametrize("name,hw,n_fp8", [
+    ("w4a4_direct", True, 3), ("w4a4_direct", False, 1),
+    ("fp4_paper", True, 3), ("fp4_paper", False, 1)])
+def test_xla_impl_runs_fp8_gemms_and_matches_the_reference(name, hw, n_fp8):
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((32, 128)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((128, 48)) * 0.05, jnp.float32)
+  g = jnp.asarray(rng.standard_normal((32, 48)), jnp.float32)
+  xla = qdot.get_recipe(name, impl="xla", hw_faithful=hw)
+  ref = qdot.get_recipe(name, impl="reference", hw_faithful=hw)
+  fn = _grads_fn(xla)
+  assert len(_fp8_dots(fn.lower(x, w, g).as_text())) == n_fp8
+  assert not _fp8_dots(_grads_fn(qdot.get_recipe(name, impl="fast")).lower(
+      x, w, g).as_text())
+  (_, got), (_, want) = fn(x, w, g), _grads_fn(ref)(x, w, g)
+  y_got = qdot.qmatmul(x, w, xla)
+  y_want = qdot.qmatmul(x, w, ref)
+  # Grid GEMMs are exact in FP8; the GEMMs left dequantized (the backward
+  # without hw_faithful, fp4_paper's residual products) round each operand
+  # to bf16 once: < 2^-7 of the product's magnitude (see qdot_test).
+  tol = 1e-5 if (hw and name == "w4a4_direct") else 2.0 ** -7
+  for a, b in ((y_got, y_want), (got[0], want[0]), (got[1], want[1])):
+    assert _rel(a, np.asarray(b, np.float64)) < tol
