@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from fp4jax import gemm, numerics, quant
+from fp4jax.kernels import row_quant
 from fp4jax.qconfig import RECIPES, Recipe, TensorQuant, get_recipe
 
 __all__ = ["qmatmul", "get_recipe", "make_dot_general", "RECIPES",
@@ -55,16 +56,43 @@ def _keys(key, n):
   return (None,) * n if key is None else tuple(jax.random.split(key, n))
 
 
+def _row_kernel(x32, r: Recipe):
+  """impl "pallas": OCC + per-token quantization of X in the fused Pallas
+  row kernel where it applies (Triton on GPU, interpret mode elsewhere).
+  Returns (xc, residual or None, QTensor) or None (use `quant`)."""
+  q = r.x
+  if (gemm.resolve(r.impl) != "pallas" or q is None or r.hw_faithful
+      or q.axis not in (-1, 1) or q.block or q.scale_fmt != "f32" or q.pow2
+      or (r.occ_alpha is not None and r.occ_axis not in (-1, 1))):
+    return None
+  interpret = jax.default_backend() != "gpu"
+  if not row_quant.can_use_occ_quantize(x32, fmt=q.fmt, rounding=q.rounding,
+                                        interpret=interpret):
+    return None
+  out = row_quant.occ_quantize(x32, r.occ_alpha, fmt=q.fmt,
+                               rounding=q.rounding, interpret=interpret)
+  qx = quant.QTensor(out.values.astype(jnp.float32), out.scale)
+  if r.occ_alpha is None:
+    return x32, None, qx
+  # xc itself is read only by hw_faithful recipes, which never come here.
+  return None, out.residual, qx
+
+
 def _fwd_core(x, w, r: Recipe, key):
   """Forward GEMM. Returns y [M, N] f32 and what the backward needs."""
   impl = _impl(r)
   kx, kw, kb = _keys(key, 3)
   x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
-  if r.occ_alpha is not None:
-    xc, resid = quant.occ_clamp(x32, r.occ_alpha, r.occ_axis)
+  fused = _row_kernel(x32, r)
+  if fused is not None:
+    xc, resid, qx = fused
+    xc = x32 if xc is None and r.occ_alpha is None else xc
   else:
-    xc, resid = x32, None
-  qx = quant.quantize(xc, r.x, kx) if r.x is not None else None
+    if r.occ_alpha is not None:
+      xc, resid = quant.occ_clamp(x32, r.occ_alpha, r.occ_axis)
+    else:
+      xc, resid = x32, None
+    qx = quant.quantize(xc, r.x, kx) if r.x is not None else None
   qw = quant.quantize(w32, r.w, kw) if r.w is not None else None
   x_deq = qx.dequantize() if qx is not None else xc
   w_deq = qw.dequantize() if qw is not None else w32
