@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.quant.recipe = "bf16"     # fp4jax.qconfig.RECIPES name (fp4_paper, ...)
   c.quant.overrides = {}      # get_recipe overrides, "{'occ_alpha': 0.97}"
   c.quant.rules = ()          # ((regex, recipe|"none"), ...); () = RECIPE §5
+  c.quant.switch_back = 0.0   # last share of the steps run in BF16 (0 = off)
+  c.quant.switch_back_mode = "forward"  # forward (fwd GEMMs BF16) | all
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4           # peak learning rate (paper: 3e-4)

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from fp4jax import numerics
 
 SCALE_FMTS = ("f32", "e8m0", "e4m3")
+SCALE_RULES = ("absmax", "quest")
 COMPENSATIONS = ("none", "dense", "sparse")
 IMPLS = ("auto", "reference", "fast", "fp8", "xla", "pallas")
 ACCUMULATIONS = ("fp32", "fast")
@@ -65,6 +66,18 @@ class TensorQuant:
     rounding: "paper" | "rne" | "stochastic".
     tensor_scale: NVFP4's second level, one f32 scale per tensor so that the
       E4M3 block scales stay in range.
+    block_2d: scaling groups are block x block tiles of the 2-D operand
+      (NVIDIA's NVFP4 weights: W and W^T then quantize identically); `axis`
+      is ignored.
+    scale_rule: "absmax" (the group's amax maps to the format's max) or
+      "quest" (QuEST / Quartet: 2.92247856 standard deviations of the group
+      map to the max, the MSE-optimal clip for Gaussian data; values beyond
+      saturate).
+    e8m0_round_up: E8M0 scales rounded up to the next power of two so no
+      element saturates (Mishra et al. 2506.08027), instead of OCP's floor.
+    scale_mult: multiplies the quantization scale (Tseng et al.'s 3/4
+      "dither" pre-scale before stochastic rounding keeps values inside
+      the grid); dequantization divides it out again.
   """
   fmt: str = "e2m1"
   axis: int | None = -1
@@ -73,6 +86,10 @@ class TensorQuant:
   pow2: bool = False
   rounding: str = "paper"
   tensor_scale: bool = False
+  block_2d: bool = False
+  scale_rule: str = "absmax"
+  e8m0_round_up: bool = False
+  scale_mult: float = 1.0
 
   def __post_init__(self):
     _check_field_types(self)
@@ -90,6 +107,17 @@ class TensorQuant:
       raise ValueError(f"block must be a non-negative int, got {self.block!r}")
     if self.block and self.axis is None:
       raise ValueError("block scaling needs an axis, got axis=None")
+    if self.block_2d and not self.block:
+      raise ValueError("block_2d=True needs a block size (block=16 for "
+                       "16x16 tiles)")
+    if self.scale_rule not in SCALE_RULES:
+      raise ValueError(f"unknown scale_rule {self.scale_rule!r}; expected "
+                       f"one of {SCALE_RULES}")
+    if self.e8m0_round_up and self.scale_fmt != "e8m0":
+      raise ValueError(f"e8m0_round_up=True needs scale_fmt='e8m0', got "
+                       f"{self.scale_fmt!r}")
+    if not self.scale_mult > 0:
+      raise ValueError(f"scale_mult must be > 0, got {self.scale_mult!r}")
     if self.tensor_scale and self.scale_fmt != "e4m3":
       raise ValueError(f"tensor_scale=True is the NVFP4 second level and "
                        f"needs scale_fmt='e4m3', got {self.scale_fmt!r}")
@@ -129,6 +157,20 @@ class Recipe:
       elsewhere).
     accumulation: FP8 GEMMs on GPU: "fp32" (exact simulation) or "fast"
       (cuBLASLt fast accumulation, XLA's default for FP8).
+    w_dgrad: with hw_faithful, how W is re-quantized for the dgrad GEMM
+      (contracting N); None = `w` with its axis moved to N.
+    x_wgrad: with hw_faithful, how X is re-quantized for the wgrad GEMM
+      (contracting M); None = `x` with its axis moved to M.
+    rht_fwd: block size of a random Hadamard rotation of X and W along K
+      before the forward's quantization (Quartet: 32); 0 = none.
+    rht_dgrad: the same for the dgrad GEMM's G and W along N (hw_faithful).
+    rht_wgrad: the same for the wgrad GEMM's X and G along M (NVIDIA: 16,
+      hw_faithful).
+    clip_mask: QuEST's trust mask: the gradient of an X or W entry the
+      forward's quantization saturated is zero (straight-through elsewhere).
+    bf16_tail: share of the decoder blocks, counted from the last, whose
+      projections stay in BF16 (NVIDIA's NVFP4 recipe: ~16%); applied by the
+      default layer rules (`default_rules`).
   """
   name: str = "custom"
   x: TensorQuant | None = None
@@ -143,6 +185,13 @@ class Recipe:
   hw_faithful: bool = False
   impl: str = "auto"
   accumulation: str = "fp32"
+  w_dgrad: TensorQuant | None = None
+  x_wgrad: TensorQuant | None = None
+  rht_fwd: int = 0
+  rht_dgrad: int = 0
+  rht_wgrad: int = 0
+  clip_mask: bool = False
+  bf16_tail: float = 0.0
 
   def __post_init__(self):
     _check_field_types(self)
@@ -171,6 +220,26 @@ class Recipe:
     if self.accumulation not in ACCUMULATIONS:
       raise ValueError(f"unknown accumulation {self.accumulation!r}; "
                        f"expected one of {ACCUMULATIONS}")
+    for name in ("rht_fwd", "rht_dgrad", "rht_wgrad"):
+      b = getattr(self, name)
+      if b and (b < 2 or b & (b - 1)):
+        raise ValueError(f"{name} must be 0 or a power of two >= 2, got {b}")
+    needs_hw = [n for n in ("w_dgrad", "x_wgrad", "rht_dgrad", "rht_wgrad")
+                if getattr(self, n)]
+    if needs_hw and not self.hw_faithful:
+      raise ValueError(f"recipe {self.name!r} sets {needs_hw}, which shape "
+                       "the backward's re-quantized operands: set "
+                       "hw_faithful=True")
+    rotated = [n for n in ("rht_fwd", "rht_dgrad", "rht_wgrad", "clip_mask")
+               if getattr(self, n)]
+    if rotated and self.occ_alpha is not None:
+      raise ValueError(f"recipe {self.name!r}: {rotated} do not combine with "
+                       "OCC (occ_alpha)")
+    if self.rht_fwd and self.dge_k is not None:
+      raise ValueError(f"recipe {self.name!r}: rht_fwd does not combine with "
+                       "DGE (the factor lives on the unrotated weight grid)")
+    if not 0 <= self.bf16_tail < 1:
+      raise ValueError(f"bf16_tail must be in [0, 1), got {self.bf16_tail!r}")
     if self.occ_alpha is not None and self.x is None:
       raise ValueError("occ_alpha is set but activations are not quantized "
                        "(x=None)")
@@ -189,7 +258,8 @@ class Recipe:
 
   @property
   def needs_key(self) -> bool:
-    ops = (self.x, self.w, self.g_dgrad, self.g_wgrad)
+    ops = (self.x, self.w, self.g_dgrad, self.g_wgrad, self.w_dgrad,
+           self.x_wgrad)
     return any(o is not None and o.rounding == "stochastic" for o in ops)
 
 
@@ -199,6 +269,8 @@ _W4 = TensorQuant(fmt="e2m1", axis=0)                  # per output channel
 _G8 = TensorQuant(fmt="e5m2", axis=None, rounding="rne")  # per tensor
 _MX = dict(fmt="e2m1", block=32, scale_fmt="e8m0", rounding="rne")
 _NV = dict(fmt="e2m1", block=16, scale_fmt="e4m3", tensor_scale=True)
+# Tseng et al.'s backward operands: stochastic rounding after a 3/4 scale.
+_MX_SR = dict(_MX, rounding="stochastic", scale_mult=0.75)
 
 RECIPES: dict[str, Recipe] = {
     "bf16": Recipe(name="bf16"),
@@ -233,13 +305,72 @@ RECIPES: dict[str, Recipe] = {
         g_dgrad=TensorQuant(axis=-1, rounding="stochastic", **_NV),
         g_wgrad=TensorQuant(axis=0, rounding="stochastic", **_NV),
         hw_faithful=True),
+    # NVIDIA, "Pretraining LLMs with NVFP4" (2509.25149), as Transformer
+    # Engine's NVFP4BlockScaling runs it: NVFP4 (E2M1, 1x16 blocks, E4M3
+    # block + f32 tensor scales) on all three GEMMs, each operand scaled
+    # along its GEMM's contraction; weights in 16x16 tiles so W and W^T
+    # quantize identically (the dgrad reuses the forward's values); a 16x16
+    # random Hadamard transform on the wgrad operands along tokens; RNE on
+    # X and W, stochastic rounding on gradients only; the last ~16% of the
+    # blocks in BF16. Pieces: overrides rht_wgrad=0, weight_2d=False,
+    # grad_sr=False, bf16_tail=0 (TE's disable flags).
+    "nvfp4_nvidia": Recipe(
+        name="nvfp4_nvidia",
+        x=TensorQuant(axis=-1, rounding="rne", **_NV),
+        w=TensorQuant(axis=0, rounding="rne", block_2d=True, **_NV),
+        g_dgrad=TensorQuant(axis=1, rounding="stochastic", **_NV),
+        g_wgrad=TensorQuant(axis=0, rounding="stochastic", **_NV),
+        x_wgrad=TensorQuant(axis=0, rounding="rne", **_NV),
+        rht_wgrad=16, hw_faithful=True, bf16_tail=0.16),
+    # Tseng, Yu, Park, "Training LLMs with MXFP4" (2502.20586): MXFP4
+    # (E2M1, 1x32 blocks, E8M0 scales) on all GEMMs; the backward GEMMs'
+    # operands (G, W for dgrad along N; X, G for wgrad along M) get a
+    # 32-block random Hadamard transform, the 3/4 pre-scale and stochastic
+    # rounding. The paper keeps the forward in BF16/FP8 (override x=None,
+    # w=None for that variant); e8m0_round_up=True is Mishra et al.'s
+    # round-the-scale-up rule.
+    "mxfp4_tseng": Recipe(
+        name="mxfp4_tseng",
+        x=TensorQuant(axis=-1, **_MX), w=TensorQuant(axis=0, **_MX),
+        g_dgrad=TensorQuant(axis=1, **_MX_SR),
+        g_wgrad=TensorQuant(axis=0, **_MX_SR),
+        w_dgrad=TensorQuant(axis=1, **_MX_SR),
+        x_wgrad=TensorQuant(axis=0, **_MX_SR),
+        rht_dgrad=32, rht_wgrad=32, hw_faithful=True),
+    # Quartet (Castro, Panferov et al., 2505.14669) as far as the paper and
+    # its released quantizers specify it: forward X and W rotated by a
+    # 32-block Hadamard along K, MXFP4 with QuEST's Gaussian-optimal scale
+    # (2.92 standard deviations of the block -> 6, E8M0, RNE) and its trust
+    # mask (no gradient through saturated entries); backward as mxfp4_tseng
+    # (Hadamard-32, 3/4 pre-scale, stochastic rounding on both operands of
+    # dgrad and wgrad). Left out: the per-step re-randomised Hadamard signs
+    # of its backward (one fixed sign vector here), its QuTLASS kernels,
+    # and Quartet II's MS-EDEN rounding.
+    "quartet": Recipe(
+        name="quartet",
+        x=TensorQuant(axis=-1, scale_rule="quest", **_MX),
+        w=TensorQuant(axis=0, scale_rule="quest", **_MX),
+        g_dgrad=TensorQuant(axis=1, **_MX_SR),
+        g_wgrad=TensorQuant(axis=0, **_MX_SR),
+        w_dgrad=TensorQuant(axis=1, **_MX_SR),
+        x_wgrad=TensorQuant(axis=0, **_MX_SR),
+        rht_fwd=32, rht_dgrad=32, rht_wgrad=32, clip_mask=True,
+        hw_faithful=True),
 }
 
 # Overrides that apply to every quantized operand of the recipe (fwd x and w
 # and the gradients) or to the forward operands only.
 _ALL_OPERANDS = ("rounding",)
 _FWD_OPERANDS = ("pow2", "fmt", "scale_fmt", "block")
-_OPERANDS = ("x", "w", "g_dgrad", "g_wgrad")
+_OPERANDS = ("x", "w", "g_dgrad", "g_wgrad", "w_dgrad", "x_wgrad")
+# Switches for one piece of a recipe across the operands it touches:
+# name -> (TensorQuant field, value from the switch, operands).
+_GROUP_SHORTCUTS = {
+    "grad_sr": ("rounding", lambda on: "stochastic" if on else "rne",
+                ("g_dgrad", "g_wgrad")),
+    "weight_2d": ("block_2d", bool, ("w",)),
+    "e8m0_round_up": ("e8m0_round_up", bool, _OPERANDS),
+}
 
 
 def get_recipe(name: str | Recipe, **overrides: Any) -> Recipe:
@@ -251,7 +382,9 @@ def get_recipe(name: str | Recipe, **overrides: Any) -> Recipe:
       compensation="dense", hw_faithful=True, ...); operand fields as
       "<operand>__<field>" (x__fmt="e1m2", w__axis=1); shortcuts: pow2, fmt,
       scale_fmt, block (forward operands), rounding (all FP4 operands),
-      weight_axis ("out" = paper, "in" = released code).
+      weight_axis ("out" = paper, "in" = released code), grad_sr
+      (stochastic vs RNE gradients), weight_2d (16x16 weight tiles),
+      e8m0_round_up (every E8M0-scaled operand).
 
   Raises:
     ValueError: unknown recipe name or override key.
@@ -279,6 +412,13 @@ def get_recipe(name: str | Recipe, **overrides: Any) -> Recipe:
         q = getattr(r, op)
         if q is not None and numerics.get_format(q.fmt).is_fp4:
           ops[op][key] = val
+    elif key in _GROUP_SHORTCUTS:
+      field, value_of, targets = _GROUP_SHORTCUTS[key]
+      for op in targets:
+        q = getattr(r, op)
+        if q is not None and (field != "e8m0_round_up"
+                              or q.scale_fmt == "e8m0"):
+          ops[op][field] = value_of(val)
     elif key == "weight_axis":
       if val not in ("out", "in"):
         raise ValueError(f"weight_axis must be 'out' or 'in', got {val!r}")
@@ -286,7 +426,7 @@ def get_recipe(name: str | Recipe, **overrides: Any) -> Recipe:
     else:
       raise ValueError(f"unknown recipe override {key!r}; expected a Recipe "
                        f"field {sorted(fields)}, <operand>__<field>, or one "
-                       f"of {_FWD_OPERANDS + _ALL_OPERANDS + ('weight_axis',)}")
+                       f"of {_FWD_OPERANDS + _ALL_OPERANDS + ('weight_axis',) + tuple(_GROUP_SHORTCUTS)}")
   for op, kw in ops.items():
     if not kw:
       continue
@@ -307,13 +447,31 @@ PROJECTION_PATTERN = (r".*\.(q_proj|k_proj|v_proj|o_proj|"
                       r"gate_proj|up_proj|down_proj)")
 
 
-def default_rules(recipe: Recipe | str | None) -> tuple[Rule, ...]:
-  """RECIPE §5 default: `recipe` on the block projections, the rest plain."""
+def bf16_tail_blocks(n_layers: int, share: float) -> tuple[int, ...]:
+  """The decoder blocks a `bf16_tail` share keeps in BF16: the last
+  round(share * n_layers) (halves round up), as NVIDIA keeps mostly the
+  final blocks in BF16."""
+  b = int(share * n_layers + 0.5)
+  return tuple(range(n_layers - min(b, n_layers), n_layers))
+
+
+def default_rules(recipe: Recipe | str | None, n_layers: int | None = None
+                  ) -> tuple[Rule, ...]:
+  """RECIPE §5 default: `recipe` on the block projections, the rest plain;
+  the recipe's `bf16_tail` blocks plain too (needs `n_layers`)."""
   if isinstance(recipe, str):
     recipe = get_recipe(recipe)
   if recipe is None or not recipe.quantizes:
     return ()
-  return ((PROJECTION_PATTERN, recipe),)
+  rules: list[Rule] = []
+  if recipe.bf16_tail:
+    if n_layers is None:
+      raise ValueError(f"recipe {recipe.name!r} keeps a bf16_tail of "
+                       f"{recipe.bf16_tail}: default_rules needs n_layers")
+    tail = bf16_tail_blocks(n_layers, recipe.bf16_tail)
+    if tail:
+      rules.append((rf"layers\.({'|'.join(map(str, tail))})\..*", None))
+  return tuple(rules) + ((PROJECTION_PATTERN, recipe),)
 
 
 def resolve_rules(paths: Sequence[str], rules: Sequence[Rule]

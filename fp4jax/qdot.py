@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fp4jax import gemm, numerics, quant
+from fp4jax import gemm, hadamard, numerics, quant
 from fp4jax.kernels import row_quant
 from fp4jax.qconfig import RECIPES, Recipe, TensorQuant, get_recipe
 
@@ -83,6 +83,11 @@ def _fwd_core(x, w, r: Recipe, key):
   impl = _impl(r)
   kx, kw, kb = _keys(key, 3)
   x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+  if r.rht_fwd:
+    # Quartet: Q(X R) Q(R^T W) = X W before rounding; gradients are taken
+    # in the rotated space and rotated back (_bwd_core).
+    x32 = hadamard.rotate(x32, r.rht_fwd, 1)
+    w32 = hadamard.rotate(w32, r.rht_fwd, 0)
   fused = _row_kernel(x32, r)
   if fused is not None:
     xc, resid, qx = fused
@@ -124,8 +129,17 @@ def _fwd_core(x, w, r: Recipe, key):
          _dge_scale(r, qw, w32),
          None if reuse else xc.astype(x.dtype),
          resid if keep_resid else None,
-         kb)
+         kb,
+         _trust_mask(xc, qx, r.x) if r.clip_mask else None,
+         _trust_mask(w32, qw, r.w) if r.clip_mask else None)
   return y, res
+
+
+def _trust_mask(v32, q, spec: TensorQuant | None):
+  """QuEST: True where the quantizer did not saturate v (|v sf| <= max)."""
+  if q is None:
+    return None
+  return jnp.abs(v32 * q.scale) <= numerics.get_format(spec.fmt).max
 
 
 # DGE without weight quantization (recipe "dge_only", a control that
@@ -153,8 +167,12 @@ def _dge_scale(r: Recipe, qw, w32):
   return qw.scale if qw is not None else quant.compute_scale(w32, _DGE_GRID)
 
 
-def _requant(v32, q: TensorQuant | None, axis: int, key) -> gemm.Operand:
-  """Hardware-faithful: re-quantize a stored operand along `axis`."""
+def _requant(v32, q: TensorQuant | None, axis: int, key,
+             spec: TensorQuant | None = None) -> gemm.Operand:
+  """Hardware-faithful: re-quantize a stored operand along `axis` (or as
+  `spec` says, where the recipe names the backward operand's own spec)."""
+  if spec is not None:
+    return _op(quant.quantize(v32, spec, key), spec.fmt)
   if q is None:
     return _raw(v32)
   q2 = dataclasses.replace(q, axis=None if q.axis is None else axis)
@@ -177,29 +195,34 @@ def _bwd_core(r: Recipe, res, g):
   "dense" (Y = (Q(Xc) + R) Q(W)) and "none" (Y = Q(Xc) Q(W)) take every
   gradient through Q(W), with STE through the clamp.
   """
-  x_eff, w_deq, w, sw, xc, resid, key = res
+  x_eff, w_deq, w, sw, xc, resid, key, mask_x, mask_w = res
   impl = _impl(r)
   comp = r.effective_compensation
   k_gd, k_gw, k_x, k_w = _keys(key, 4)
   g32 = g.astype(jnp.float32)
+  rot = hadamard.rotate
   if r.hw_faithful:
     # dgrad contracts over N: w is re-scaled along N; wgrad contracts over
     # M: x along M. Their scales then lie on the free dims and factor out,
-    # so these GEMMs can run on grid values (FP8 with impl "xla").
-    w_d = _requant(w.astype(jnp.float32), r.w, 1, k_w)
-    x_w = _requant(xc.astype(jnp.float32), r.x, 0, k_x)
+    # so these GEMMs can run on grid values (FP8 with impl "xla"). Random
+    # Hadamard rotations along the contraction (rht_dgrad / rht_wgrad)
+    # cancel in the product.
+    w32 = rot(w.astype(jnp.float32), r.rht_fwd, 0)   # as the forward saw it
+    w_d = _requant(rot(w32, r.rht_dgrad, 1), r.w, 1, k_w, r.w_dgrad)
+    x_w = _requant(rot(xc.astype(jnp.float32), r.rht_wgrad, 0), r.x, 0, k_x,
+                   r.x_wgrad)
     if comp == "dense":
       x_w = _raw(x_w.dequantize() + resid)
   else:
     # The forward's quantized operands: their scales lie along these GEMMs'
     # contractions, so the GEMMs take them dequantized.
     w_d, x_w = _raw(w_deq), _raw(x_eff)
-  gq_d = _quant_grad(g32, r.g_dgrad, k_gd)
-  if r.g_wgrad == r.g_dgrad and (r.g_wgrad is None
-                                 or r.g_wgrad.rounding != "stochastic"):
+  gq_d = _quant_grad(rot(g32, r.rht_dgrad, 1), r.g_dgrad, k_gd)
+  if (r.g_wgrad == r.g_dgrad and r.rht_dgrad == r.rht_wgrad == 0
+      and (r.g_wgrad is None or r.g_wgrad.rounding != "stochastic")):
     gq_w = gq_d
   else:
-    gq_w = _quant_grad(g32, r.g_wgrad, k_gw)
+    gq_w = _quant_grad(rot(g32, r.rht_wgrad, 0), r.g_wgrad, k_gw)
   bwd = functools.partial(gemm.qdot, impl=impl, backward=True,
                           accumulation=r.accumulation)
   dx = bwd(gq_d, w_d, _NT)
@@ -214,6 +237,13 @@ def _bwd_core(r: Recipe, res, g):
     dw = dw + _dot(r32, gq_w32, _TN, impl.deq_dtype)
     dx_raw = _dot(gq_d32, w.astype(jnp.float32), _NT, impl.deq_dtype)
     dx = jnp.where(r32 != 0, dx_raw, dx)
+  if mask_x is not None:
+    dx = jnp.where(mask_x, dx, 0.)
+  if mask_w is not None:
+    dw = jnp.where(mask_w, dw, 0.)
+  if r.rht_fwd:
+    dx = rot(dx, r.rht_fwd, 1, inverse=True)
+    dw = rot(dw, r.rht_fwd, 0, inverse=True)
   return dx, dw
 
 

@@ -44,15 +44,31 @@ def _safe_inverse(d: jax.Array) -> jax.Array:
   return jnp.where(ok, 1. / jnp.where(ok, d, 1.), 1.)
 
 
+# QuEST / Quartet: the MSE-optimal clip of 4-bit FP for Gaussian data, in
+# standard deviations (their released code's gaussian_scale * 6).
+QUEST_CLIP = 2.92247856
+
+
 def scale_from_amax(amax: jax.Array, q: TensorQuant,
                     tensor_amax: jax.Array | None = None) -> jax.Array:
-  """Multiply-to-quantize scale sf for groups with absmax `amax` (f32)."""
+  """Multiply-to-quantize scale sf for groups whose statistic is `amax`
+  (f32): their absmax, or their standard deviation for scale_rule="quest"."""
   f = numerics.get_format(q.fmt)
   amax = amax.astype(jnp.float32)
+  if q.scale_rule == "quest":
+    amax = amax * QUEST_CLIP      # the value that maps to the format's max
   if q.scale_fmt == "e8m0":
-    # OCP MX: the shared exponent puts amax in the element format's top
-    # binade, 2**(floor(log2 amax) - emax); elements above max saturate.
-    decode = numerics.cast_scale(amax / 2.**f.emax, "e8m0")
+    if q.e8m0_round_up:
+      # Mishra et al.: the smallest power of two that keeps amax <= max.
+      decode = jnp.exp2(jnp.clip(jnp.ceil(jnp.log2(amax / f.max)), -127.,
+                                 127.))
+    elif q.scale_rule == "quest":
+      # Quartet's kernel: 2**floor(log2(clip / max)).
+      decode = numerics.cast_scale(amax / f.max, "e8m0")
+    else:
+      # OCP MX: the shared exponent puts amax in the element format's top
+      # binade, 2**(floor(log2 amax) - emax); elements above max saturate.
+      decode = numerics.cast_scale(amax / 2.**f.emax, "e8m0")
   elif q.scale_fmt == "e4m3":
     decode = amax / f.max
     if q.tensor_scale:
@@ -69,6 +85,8 @@ def scale_from_amax(amax: jax.Array, q: TensorQuant,
   if q.pow2:
     # Released code: sf = 2**floor(log2(max / amax)).
     sf = jnp.exp2(jnp.floor(jnp.log2(sf)))
+  if q.scale_mult != 1.0:
+    sf = sf * jnp.float32(q.scale_mult)
   return sf
 
 
@@ -76,29 +94,49 @@ def _norm_axis(axis: int | None, ndim: int) -> int | None:
   return None if axis is None else axis % ndim
 
 
+def _stat(x32: jax.Array, q: TensorQuant, axis) -> jax.Array:
+  """The group statistic over `axis` (int or tuple), keepdims: absmax, or
+  the standard deviation (mean removed, as Quartet's) for "quest"."""
+  if q.scale_rule == "quest":
+    return jnp.std(x32, axis=axis, keepdims=True)
+  return jnp.max(jnp.abs(x32), axis=axis, keepdims=True)
+
+
 def compute_scale(x: jax.Array, q: TensorQuant, axis="spec") -> jax.Array:
   """Scale sf broadcastable to x (see QTensor.scale).
 
   `axis` overrides q.axis (any axis of an N-D x); by default q.axis.
   """
-  xf = jnp.abs(x.astype(jnp.float32))
+  x32 = x.astype(jnp.float32)
   axis = _norm_axis(q.axis if axis == "spec" else axis, x.ndim)
-  tensor_amax = jnp.max(xf) if q.tensor_scale else None
+  tensor_amax = jnp.max(jnp.abs(x32)) if q.tensor_scale else None
+  if q.block_2d:
+    return _tile_scale(x32, q, tensor_amax)
   if axis is None:
-    return scale_from_amax(jnp.max(xf, keepdims=True), q, tensor_amax)
+    return scale_from_amax(_stat(x32, q, None), q, tensor_amax)
   if not q.block:
-    return scale_from_amax(jnp.max(xf, axis=axis, keepdims=True), q,
-                           tensor_amax)
+    return scale_from_amax(_stat(x32, q, axis), q, tensor_amax)
   n = x.shape[axis]
   if n % q.block:
     raise ValueError(f"block={q.block} does not divide the length {n} of "
                      f"axis {axis} of an operand of shape {x.shape}")
-  moved = jnp.moveaxis(xf, axis, -1)
+  moved = jnp.moveaxis(x32, axis, -1)
   grouped = moved.reshape(*moved.shape[:-1], n // q.block, q.block)
-  sf = scale_from_amax(jnp.max(grouped, axis=-1, keepdims=True), q,
-                       tensor_amax)
+  sf = scale_from_amax(_stat(grouped, q, -1), q, tensor_amax)
   sf = jnp.broadcast_to(sf, grouped.shape).reshape(moved.shape)
   return jnp.moveaxis(sf, -1, axis)
+
+
+def _tile_scale(x32: jax.Array, q: TensorQuant, tensor_amax) -> jax.Array:
+  """One scale per block x block tile of a 2-D operand, full shape."""
+  b = q.block
+  if x32.ndim != 2 or x32.shape[0] % b or x32.shape[1] % b:
+    raise ValueError(f"block_2d tiles of {b}x{b} need a 2-D operand with "
+                     f"both dims divisible by {b}, got shape {x32.shape}")
+  r, c = x32.shape
+  tiles = x32.reshape(r // b, b, c // b, b)
+  sf = scale_from_amax(_stat(tiles, q, (1, 3)), q, tensor_amax)
+  return jnp.broadcast_to(sf, tiles.shape).reshape(r, c)
 
 
 def quantize(x: jax.Array, q: TensorQuant, key: jax.Array | None = None,

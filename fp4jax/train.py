@@ -133,13 +133,14 @@ def model_config(model: Mapping[str, Any], data_vocab: int
   return sizes.get_config(model["size"], **overrides)
 
 
-def quant_rules(quant: Mapping[str, Any]
+def quant_rules(quant: Mapping[str, Any], n_layers: int | None = None
                 ) -> tuple[tuple[tuple[str, Any], ...], qconfig.Recipe]:
   """(rules for llama.Llama, the main recipe) from the `quant` section.
 
   quant.overrides modify quant.recipe; quant.rules name recipes by RECIPES
   key ("none" = plain), and a rule naming quant.recipe gets the overridden
-  one. Empty rules = `qconfig.default_rules(recipe)` (RECIPE §5).
+  one. Empty rules = `qconfig.default_rules(recipe, n_layers)` (RECIPE §5,
+  plus the recipe's bf16_tail blocks kept plain).
 
   Raises:
     ValueError: unknown recipe, override, or malformed rule.
@@ -152,7 +153,7 @@ def quant_rules(quant: Mapping[str, Any]
     raise ValueError(f"quant.overrides={dict(quant['overrides'])!r} on "
                      f"recipe {quant['recipe']!r}: {e}") from None
   if not quant["rules"]:
-    return tuple(qconfig.default_rules(recipe)), recipe
+    return tuple(qconfig.default_rules(recipe, n_layers)), recipe
   rules = []
   for rule in quant["rules"]:
     if len(rule) != 2 or not all(isinstance(r, str) for r in rule):
@@ -166,6 +167,45 @@ def quant_rules(quant: Mapping[str, Any]
     else:
       rules.append((pattern, qdot.get_recipe(name)))
   return tuple(rules), recipe
+
+
+SWITCH_BACK_MODES = ("forward", "all")
+
+
+def switch_back_step(quant: Mapping[str, Any], num_steps: int) -> int | None:
+  """The first step trained with the switched-back rules, or None (off).
+
+  Raises:
+    ValueError: naming quant.switch_back / quant.switch_back_mode.
+  """
+  share = quant.get("switch_back", 0.0)
+  mode = quant.get("switch_back_mode", "forward")
+  if (isinstance(share, bool) or not isinstance(share, (int, float))
+      or not 0 <= share < 1):
+    raise ValueError(f"quant.switch_back must be a share of the steps in "
+                     f"[0, 1), got {share!r}")
+  if mode not in SWITCH_BACK_MODES:
+    raise ValueError(f"quant.switch_back_mode must be one of "
+                     f"{SWITCH_BACK_MODES}, got {mode!r}")
+  late = int(share * num_steps + 0.5)
+  return num_steps - late if late else None
+
+
+def switched_rules(rules, mode: str):
+  """The layer rules for the switched-back steps: every recipe with its
+  forward GEMMs in BF16 (X and W unquantized, so no OCC, DGE, rotation or
+  trust mask either; the gradients keep their quantization), or no
+  quantization at all (mode "all")."""
+  out = []
+  for pattern, recipe in rules:
+    if recipe is None or mode == "all":
+      out.append((pattern, None))
+      continue
+    out.append((pattern, dataclasses.replace(
+        recipe, name=f"{recipe.name}+bf16_forward", x=None, w=None,
+        occ_alpha=None, compensation=None, dge_k=None, rht_fwd=0,
+        clip_mask=False)))
+  return tuple(out)
 
 
 def _check_loop_keys(config) -> None:
@@ -275,7 +315,9 @@ def train_and_evaluate(config, workdir: str, *,
   num_steps = config.num_steps
   optim_cfg = optim.OptimConfig(**config.optim.to_dict())
   optim.validate_schedule(optim_cfg, num_steps)
-  rules, recipe = quant_rules(config.quant)
+  rules, recipe = quant_rules(config.quant,
+                              model_config(config.model, 1).n_layers)
+  late_step = switch_back_step(config.quant, num_steps)
   mesh = sharding.make_mesh(**config.mesh.to_dict())
   seed = config.data.shuffle_seed
   seed = config.seed if seed < 0 else seed
@@ -315,13 +357,21 @@ def train_and_evaluate(config, workdir: str, *,
     if train_it.vocab_size > model_cfg.vocab_size:
       raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller "
                        f"than the data's vocabulary ({train_it.vocab_size})")
-    trainer = _make_trainer(
-        model_cfg, rules, optim_cfg, num_steps=num_steps, mesh=mesh,
-        global_batch=config.data.global_batch, seq_len=config.data.seq_len,
-        seed=config.seed, skip_nonfinite=config.skip_nonfinite,
+    make = functools.partial(
+        _make_trainer, model_cfg, optim_cfg=optim_cfg, num_steps=num_steps,
+        mesh=mesh, global_batch=config.data.global_batch,
+        seq_len=config.data.seq_len, seed=config.seed,
+        skip_nonfinite=config.skip_nonfinite,
         segment_ids=config.data.segment_ids, metrics_fn=metrics_fn,
         telemetry_on=config.telemetry_every > 0,
         comm_dtype=config.comm.grad_dtype)
+    trainer = make(rules)
+    # Compiled when the run reaches the step (or at once on a resume past
+    # it): the switch depends on the step alone, so a resumed run switches
+    # exactly where an uninterrupted one does.
+    late = None if late_step is None else (
+        late_step, functools.partial(make, switched_rules(
+            rules, config.quant.switch_back_mode)))
     # Everything is validated: from here on the workdir may be written.
     claim.commit()
     checkpoint.write_run_info(workdir, run_info)
@@ -334,7 +384,7 @@ def train_and_evaluate(config, workdir: str, *,
           resume_step=None if restored is None else restored[0])
       try:
         state, stop = _loop(config, trainer, ckpt, writer, train_it, val_it,
-                            stop_at_step, restored, flag, init_params)
+                            stop_at_step, restored, flag, init_params, late)
       finally:
         writer.close()
     finally:
@@ -369,8 +419,9 @@ def _with_params(state, pure: dict[str, Any]):
 
 
 def _loop(config, trainer, ckpt, writer, train_it, val_it, stop_at_step,
-          restored, flag, init_params=None):
-  """Runs steps to num_steps / stop_at_step / a stop signal.
+          restored, flag, init_params=None, late=None):
+  """Runs steps to num_steps / stop_at_step / a stop signal; from step
+  late[0] on with the trainer late[1]() builds (quant.switch_back).
 
   Returns:
     (the final state, the stop signal's number or None).
@@ -424,6 +475,13 @@ def _loop(config, trainer, ckpt, writer, train_it, val_it, stop_at_step,
   t_last = time.perf_counter()
   stop_signal = None
   while step < num_steps:
+    if late is not None and step >= late[0]:
+      trainer = late[1]()     # same state layout: the state carries over
+      late = None
+      logging.info("switched back at step %d (quant.switch_back=%g, %s): "
+                   "projections now\n%s", step, config.quant.switch_back,
+                   config.quant.switch_back_mode,
+                   "\n".join(quant_table_lines(trainer.quant_table)))
     batch = trainer.put_batch(next(train_it))
     tele = None
     if config.telemetry_every and (step + 1) % config.telemetry_every == 0:

@@ -20,6 +20,7 @@ from fp4jax import llama
 from fp4jax import metrics
 from fp4jax import optim
 from fp4jax import qconfig
+from fp4jax import qdot
 from fp4jax import sharding
 from fp4jax import sizes
 from fp4jax import train
@@ -422,3 +423,40 @@ def test_block_scales_must_not_straddle_shards():
         cfg, rules, optim.OptimConfig(), num_steps=2,
         mesh=sharding.make_mesh(data=2, fsdp=4), global_batch=8,
         seq_len=16, seed=0)
+
+
+# ---------------------------------------------------------- switch back
+_FP4 = {"quant.recipe": "fp4_paper"}
+
+
+def test_switch_back_step_and_rules():
+  assert train.switch_back_step({"switch_back": 0.1}, 1000) == 900
+  assert train.switch_back_step({"switch_back": 0.0}, 1000) is None
+  assert train.switch_back_step({}, 10) is None
+  with pytest.raises(ValueError, match="quant.switch_back must"):
+    train.switch_back_step({"switch_back": 1.0}, 10)
+  with pytest.raises(ValueError, match="quant.switch_back_mode"):
+    train.switch_back_step({"switch_back": 0.5, "switch_back_mode": "x"}, 10)
+  rules = qconfig.default_rules("fp4_paper")
+  (_, fwd), = train.switched_rules(rules, "forward")
+  assert fwd.x is fwd.w is fwd.occ_alpha is fwd.dge_k is None
+  assert fwd.g_dgrad == qdot.get_recipe("fp4_paper").g_dgrad
+  assert train.switched_rules(rules, "all") == ((rules[0][0], None),)
+
+
+def test_switch_back_runs_bf16_forward_late_and_resumes_at_the_switch(
+    tmp_path):
+  switch = dict(_FP4, **{"quant.switch_back": 0.5})
+  plain_dir, full_dir, cut_dir = (tmp_path / n for n in ("p", "f", "c"))
+  train.train_and_evaluate(_config(**_FP4), str(plain_dir))
+  train.train_and_evaluate(_config(**switch), str(full_dir))
+  plain = {r["step"]: r["loss"] for r in _records(plain_dir)}
+  full = {r["step"]: r["loss"] for r in _records(full_dir)}
+  # Steps 1-2 run fp4_paper in both; 3-4 (the last half) differ. The loss of
+  # step s is computed before its update, so step 3 is the first to differ.
+  assert [full[s] for s in (1, 2)] == [plain[s] for s in (1, 2)]
+  assert full[3] != plain[3] and full[4] != plain[4]
+  # Stopped past the switch and resumed: the same losses.
+  train.train_and_evaluate(_config(**switch), str(cut_dir), stop_at_step=3)
+  train.train_and_evaluate(_config(**switch), str(cut_dir))
+  assert {r["step"]: r["loss"] for r in _records(cut_dir)} == full

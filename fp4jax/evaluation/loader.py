@@ -111,7 +111,8 @@ def load(workdir: str, step: int | None = None, precision: str = "train",
                      f"{workdir!r} (have {steps})")
   run_config = info["config"]
   trained_cfg = llama.LlamaConfig(**info["model"])
-  rules, recipe = train.quant_rules(run_config["quant"])
+  rules, recipe = train.quant_rules(run_config["quant"],
+                                    trained_cfg.n_layers)
   tok = None
   path = tokenizer_path(workdir, run_config)
   if path is not None:
