@@ -10,6 +10,8 @@ Must not import: flax, ml_collections, fp4jax modules right of `qconfig`.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import NamedTuple
 
 import jax
@@ -294,16 +296,43 @@ def _kth_smallest(x32: jax.Array, k: int, axis: int | None) -> jax.Array:
   return _unsortable(lo)
 
 
+# XLA:GPU's RAFT select_k serves only unstable top_k with k <= 128; stable
+# top_k with k > 16 becomes a full sort of every row (GPU-NOTES §3).
+_GPU_TOPK_MAX = 128
+
+
+def _top_k_unstable():
+  """top_k with is_stable=False where the installed JAX has the argument
+  (the order among equal values is irrelevant for an order statistic)."""
+  try:
+    params = inspect.signature(jax.lax.top_k).parameters
+  except (TypeError, ValueError):
+    return None
+  if "is_stable" not in params:
+    return None
+  return functools.partial(jax.lax.top_k, is_stable=False)
+
+
+def _top_k_for(k: int):
+  """The top_k to take k tail elements with on this backend, or None
+  (bisection is faster there)."""
+  if jax.default_backend() == "gpu":
+    unstable = _top_k_unstable()
+    return unstable if unstable is not None and k <= _GPU_TOPK_MAX else None
+  return jax.lax.top_k if k <= _TOPK_MAX else None
+
+
 def _order_stats(x32: jax.Array, i_lo: int, i_hi: int, axis: int | None):
   n = x32.size if axis is None else x32.shape[axis]
   k_top = n - i_hi            # hi is the k_top-th largest
   k_bot = i_lo + 1            # lo is the k_bot-th smallest
-  if axis is not None and max(k_top, k_bot) <= _TOPK_MAX:
+  top_k = _top_k_for(max(k_top, k_bot)) if axis is not None else None
+  if top_k is not None:
     xm = jnp.moveaxis(x32, axis, -1)
     # min over the k values, not [..., -1:]: XLA:CPU lowers top_k followed
     # by a slice into a full sort (~30x slower).
-    hi = jnp.min(jax.lax.top_k(xm, k_top)[0], axis=-1, keepdims=True)
-    lo = -jnp.min(jax.lax.top_k(-xm, k_bot)[0], axis=-1, keepdims=True)
+    hi = jnp.min(top_k(xm, k_top)[0], axis=-1, keepdims=True)
+    lo = -jnp.min(top_k(-xm, k_bot)[0], axis=-1, keepdims=True)
     return jnp.moveaxis(lo, -1, axis), jnp.moveaxis(hi, -1, axis)
   return _kth_smallest(x32, i_lo, axis), _kth_smallest(x32, i_hi, axis)
 

@@ -349,3 +349,27 @@ def test_nvfp4_block_scales_match_oracle(data):
                    np.float64)
   np.testing.assert_allclose(got, np_ref.nv_fake_quant(data, 16),
                              rtol=BLOCK_RTOL, atol=0)
+
+
+def test_occ_on_gpu_uses_unstable_top_k_only_where_jax_has_it(monkeypatch):
+  # CPU: stable top_k for short tails, bisection beyond.
+  assert quant._top_k_for(8) is jax.lax.top_k           # pylint: disable=W0212
+  assert quant._top_k_for(1000) is None                 # pylint: disable=W0212
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  calls, real = [], jax.lax.top_k
+
+  def fake_top_k(x, k, *, axis=-1, is_stable=True):
+    # The JAX versions that have is_stable, simulated on this one.
+    del axis
+    calls.append(is_stable)
+    return real(x, k)
+
+  monkeypatch.setattr(jax.lax, "top_k", fake_top_k)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 512)),
+                  jnp.float32)
+  got = quant.occ_clamp(x, 0.99)                        # k = 6 per tail
+  assert calls and not any(calls)                       # is_stable=False
+  assert quant._top_k_for(129) is None                  # pylint: disable=W0212
+  want = np.sort(np.asarray(x), axis=1)
+  np.testing.assert_array_equal(np.asarray(got[0]).max(1),
+                                want[:, int(0.99 * 512)])
