@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from fp4jax import numerics
+from fp4jax.qconfig import TensorQuant
 
 __all__ = ["GemmImpl", "IMPLS", "Operand", "resolve", "qdot"]
 
@@ -89,12 +90,15 @@ class Operand(NamedTuple):
   """A GEMM operand: `values / scale`, on the grid of `fmt` if fmt is set.
 
   values: [R, C] float32 (grid values if fmt, else the operand itself);
-  scale: broadcastable to values (keepdims [R, 1], [1, C], [1, 1]), or None
-  for 1; fmt: a numerics.FORMATS name, or None (not on a grid).
+  scale: broadcastable to values (keepdims [R, 1], [1, C], [1, 1]; full
+  shape for block scales), or None for 1; fmt: a numerics.FORMATS name, or
+  None (not on a grid); spec: the TensorQuant it was quantized with, if any
+  (block-scaled GEMMs read its block layout).
   """
   values: jax.Array
   scale: jax.Array | None = None
   fmt: str | None = None
+  spec: TensorQuant | None = None
 
   def dequantize(self) -> jax.Array:
     v = self.values.astype(jnp.float32)
@@ -181,6 +185,8 @@ def qdot(a: Operand, b: Operand, dims, impl: GemmImpl, *,
   grid = (_factors_out(a, lc) and _factors_out(b, rc)
           and (impl.grid_backward or not backward))
   if not grid:
+    if impl.grid != "f32" and can_use_scaled_matmul(a, b, dims):
+      return scaled_matmul(a, b, dims)
     return dot(a.dequantize(), b.dequantize(), dims, impl.deq_dtype)
   da, db = _grid_dtypes(a.fmt, b.fmt, impl.grid)
   y = jax.lax.dot_general(a.values.astype(da), b.values.astype(db), dims,
@@ -190,3 +196,76 @@ def qdot(a: Operand, b: Operand, dims, impl: GemmImpl, *,
     if s is not None:
       y = y / s
   return y
+
+
+# ------------------------------------------------ block-scaled (Blackwell)
+# (element format, block, scale format) -> the dtypes cuDNN's block-scaled
+# GEMM takes (jax.nn.scaled_matmul's docstring): NVFP4 natively; MXFP4's
+# E2M1 values are exact in E4M3, so it runs as MXFP8 (FP8 rate, exact).
+_SCALED = {("e2m1", 16, "e4m3"): (jnp.float4_e2m1fn, jnp.float8_e4m3fn),
+           ("e2m1", 32, "e8m0"): (jnp.float8_e4m3fn, jnp.float8_e8m0fnu)}
+MIN_CUDNN = 90700   # cuDNN 9.7: the first with block-scaled GEMMs
+MIN_CC = 10.0       # Blackwell
+
+
+def _device_ok() -> bool:
+  if jax.default_backend() != "gpu" or not hasattr(jax.nn, "scaled_matmul"):
+    return False
+  try:
+    cc = float(getattr(jax.devices()[0], "compute_capability", "0"))
+    from jax._src.lib import cuda_versions   # pylint: disable=g-import-not-at-top
+    cudnn = cuda_versions.cudnn_get_version() if cuda_versions else 0
+  except Exception:   # pylint: disable=broad-except
+    return False      # no way to tell: the dequantized fallback is safe
+  return cc >= MIN_CC and cudnn >= MIN_CUDNN
+
+
+def _blocked_along(op: Operand, contract: int) -> bool:
+  q = op.spec
+  if q is None or op.fmt is None or op.scale is None:
+    return False
+  if (q.fmt, q.block, q.scale_fmt) not in _SCALED or q.scale_mult != 1.0:
+    return False   # a 3/4 pre-scale leaves the format's scale grid
+  # 2-D tiles are 1 x block runs along either axis; 1-D blocks must run
+  # along the contraction.
+  return q.block_2d or (q.axis is not None and q.axis % 2 == contract)
+
+
+def can_use_scaled_matmul(a: Operand, b: Operand, dims) -> bool:
+  """True if a @ b can run as jax.nn.scaled_matmul's cuDNN block-scaled
+  GEMM: a Blackwell GPU (compute capability >= 10) with cuDNN >= 9.7, both
+  operands NVFP4 (or both MXFP4) with blocks along the contraction."""
+  (lc,), (rc,) = dims[0]
+  if not (_blocked_along(a, lc) and _blocked_along(b, rc)):
+    return False
+  ka, kb = a.spec, b.spec
+  if (ka.block, ka.scale_fmt) != (kb.block, kb.scale_fmt):
+    return False
+  if a.values.shape[lc] % ka.block:
+    return False
+  return _device_ok()
+
+
+def scaled_matmul(a: Operand, b: Operand, dims) -> jax.Array:
+  """a @ b through jax.nn.scaled_matmul (see can_use_scaled_matmul).
+
+  Operands go K-minor as [1, M, K] / [1, N, K] with [1, M, K / block]
+  decode scales in the format's scale dtype. NVFP4's per-tensor f32 level
+  is taken out of the block scales (the largest block decode is exactly
+  448 x the tensor scale) and applied to the output.
+  """
+  (lc,), (rc,) = dims[0]
+  vdt, sdt = _SCALED[(a.spec.fmt, a.spec.block, a.spec.scale_fmt)]
+  parts, outer = [], jnp.float32(1)
+  for op, contract in ((a, lc), (b, rc)):
+    v = op.values if contract == 1 else op.values.T          # [rows, K]
+    decode = 1. / (op.scale if contract == 1 else op.scale.T)
+    decode = decode[:, ::op.spec.block]
+    if op.spec.tensor_scale:
+      ts = jnp.max(decode) / 448.
+      ts = jnp.where(ts > 0, ts, 1.)
+      decode, outer = decode / ts, outer * ts
+    parts += [v.astype(vdt)[None], decode.astype(sdt)[None]]
+  y = jax.nn.scaled_matmul(parts[0], parts[2], parts[1], parts[3],
+                           preferred_element_type=jnp.float32)[0]
+  return y * outer

@@ -42,9 +42,9 @@ def _dot(a, b, dims, dtype):
   return gemm.dot(a, b, dims, dtype)
 
 
-def _op(q, fmt: str) -> gemm.Operand:
-  """A quant.QTensor as a GEMM operand on fmt's grid."""
-  return gemm.Operand(q.values, q.scale, fmt)
+def _op(q, spec: TensorQuant) -> gemm.Operand:
+  """A quant.QTensor as a GEMM operand on the grid of its spec."""
+  return gemm.Operand(q.values, q.scale, spec.fmt, spec)
 
 
 def _raw(v) -> gemm.Operand:
@@ -111,7 +111,7 @@ def _fwd_core(x, w, r: Recipe, key):
     if qx is not None and qw is not None:
       # Exact FP4 GEMM simulation where the scales factor out of the K-sum,
       # Y = diag(1/sx) (Q(X sx) @ Q(W sw)) diag(1/sw); dequantized else.
-      y = gemm.qdot(_op(qx, r.x.fmt), _op(qw, r.w.fmt), _NN, impl,
+      y = gemm.qdot(_op(qx, r.x), _op(qw, r.w), _NN, impl,
                     accumulation=r.accumulation)
     else:
       y = _dot(x_deq, w_deq, _NN, impl.deq_dtype)
@@ -172,15 +172,15 @@ def _requant(v32, q: TensorQuant | None, axis: int, key,
   """Hardware-faithful: re-quantize a stored operand along `axis` (or as
   `spec` says, where the recipe names the backward operand's own spec)."""
   if spec is not None:
-    return _op(quant.quantize(v32, spec, key), spec.fmt)
+    return _op(quant.quantize(v32, spec, key), spec)
   if q is None:
     return _raw(v32)
   q2 = dataclasses.replace(q, axis=None if q.axis is None else axis)
-  return _op(quant.quantize(v32, q2, key), q.fmt)
+  return _op(quant.quantize(v32, q2, key), q2)
 
 
 def _quant_grad(g32, q: TensorQuant | None, key) -> gemm.Operand:
-  return _raw(g32) if q is None else _op(quant.quantize(g32, q, key), q.fmt)
+  return _raw(g32) if q is None else _op(quant.quantize(g32, q, key), q)
 
 
 def _bwd_core(r: Recipe, res, g):

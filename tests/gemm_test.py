@@ -131,3 +131,49 @@ def test_xla_impl_runs_fp8_gemms_and_matches_the_reference(name, hw, n_fp8):
   tol = 1e-5 if (hw and name == "w4a4_direct") else 2.0 ** -7
   for a, b in ((y_got, y_want), (got[0], want[0]), (got[1], want[1])):
     assert _rel(a, np.asarray(b, np.float64)) < tol
+
+
+# --------------------------------------------- Blackwell block-scaled path
+def test_scaled_matmul_predicate_on_this_machine():
+  a = _quantized((8, 64), 1, "e2m1", 0)
+  spec = TensorQuant(axis=1, block=16, scale_fmt="e4m3", tensor_scale=True,
+                     rounding="rne")
+  q = quant.quantize(jnp.asarray(_quantized((8, 64), 1, "e2m1", 1).values),
+                     spec)
+  op = gemm.Operand(q.values, q.scale, "e2m1", spec)
+  assert not gemm.can_use_scaled_matmul(op, op, _NT)    # CPU: fallback
+  assert not gemm.can_use_scaled_matmul(a, a, _NT)      # not block-scaled
+
+
+@pytest.mark.parametrize("name,vdt,sdt", [
+    ("nvfp4_nvidia", jnp.float4_e2m1fn, jnp.float8_e4m3fn),
+    ("mxfp4", jnp.float8_e4m3fn, jnp.float8_e8m0fnu)])
+def test_block_recipes_dispatch_to_scaled_matmul_on_blackwell(
+    monkeypatch, name, vdt, sdt):
+  calls = []
+
+  def fake(lhs, rhs, lhs_scales, rhs_scales, preferred_element_type):
+    # jax.nn.scaled_matmul's documented semantics, on the host.
+    assert (lhs.dtype, rhs.dtype) == (vdt, vdt)
+    assert (lhs_scales.dtype, rhs_scales.dtype) == (sdt, sdt)
+    calls.append(lhs.shape)
+    blk = lhs.shape[-1] // lhs_scales.shape[-1]
+    a = lhs.astype(jnp.float32) * jnp.repeat(
+        lhs_scales.astype(jnp.float32), blk, axis=-1)
+    b = rhs.astype(jnp.float32) * jnp.repeat(
+        rhs_scales.astype(jnp.float32), blk, axis=-1)
+    return jnp.einsum("BMK,BNK->BMN", a, b,
+                      precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=preferred_element_type)
+
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.standard_normal((32, 64)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((64, 32)) * 0.05, jnp.float32)
+  want = qdot.qmatmul(x, w, qdot.get_recipe(name, impl="reference"),
+                      jax.random.key(0))
+  monkeypatch.setattr(gemm, "_device_ok", lambda: True)
+  monkeypatch.setattr(jax.nn, "scaled_matmul", fake)
+  got = qdot.qmatmul(x, w, qdot.get_recipe(name, impl="xla"),
+                     jax.random.key(0))
+  assert calls and calls[0] == (1, 32, 64)               # K-minor operands
+  assert _rel(got, np.asarray(want, np.float64)) < F32_RTOL
