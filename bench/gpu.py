@@ -6,8 +6,14 @@ Sections (each guarded, so one failure does not lose the others):
   1. env: jax version, devices.
   2. qmatmul correctness on the device: every recipe, forward and both
      gradients, "reference" impl on the device vs the same function on the
-     host CPU (must agree to f32 rounding), and "fast"/"fp8" impls vs
-     "reference" (bf16 rounding of dequantized operands).
+     host CPU (must agree to f32 rounding), and the "fast" / "fp8" / "xla"
+     / "pallas" impls vs it (bf16 rounding of dequantized operands).
+  2b. kernels: the Pallas fused OCC + quantize row kernel vs its jnp
+     reference on a large input (bit equality), both timed, with a copy's
+     bandwidth as the yardstick; the FP8 GEMM count of an fp4_paper
+     fwd+bwd under impl "xla" (compiled HLO on GPU: cuBLASLt f8 calls).
+  2c. gemm: BF16 GEMM vs the grid (FP8) GEMM TFLOP/s at 4096^3 and 8192^3
+     and the dgrad / wgrad layouts, fp32 and fast accumulation.
   3. qmatmul fwd+bwd time per recipe and impl at a LLaMA-1.3B MLP shape,
      as a ratio to the bf16 recipe measured side by side.
   4. LLaMA train step (fp4jax.llama + fp4jax.optim) time per recipe at
@@ -89,8 +95,12 @@ def _vjp_all(x, w, g, recipe, key):
   return (y,) + pull(g)
 
 
+IMPLS = ("reference", "fast", "fp8", "xla", "pallas")
+QUICK_RECIPES = ("fp4_paper", "nvfp4_nvidia", "mxfp4")
+
+
 @section("qmatmul_correctness")
-def qmatmul_correctness(m=256, k=512, n=384):
+def qmatmul_correctness(m=256, k=512, n=384, recipes=None):
   rng = np.random.default_rng(0)
   x = rng.standard_normal((m, k)).astype(np.float32)
   x[rng.random((m, k)) < 0.01] *= 20.   # outliers for OCC
@@ -99,14 +109,14 @@ def qmatmul_correctness(m=256, k=512, n=384):
   cpu = jax.devices("cpu")[0]
   dev = jax.devices()[0]
   out = {}
-  for name in qdot.RECIPES:
+  for name in recipes or qdot.RECIPES:
     key = jax.random.key(1)
     ref_r = qdot.get_recipe(name, impl="reference")
     f = jax.jit(_vjp_all, static_argnums=3)
     with jax.default_device(cpu):
       host = [np.asarray(t) for t in f(x, w, g, ref_r, key)]
     row = {}
-    for impl in ("reference", "fast", "fp8"):
+    for impl in IMPLS:
       r = qdot.get_recipe(name, impl=impl)
       with jax.default_device(dev):
         got = [np.asarray(t) for t in f(x, w, g, r, key)]
@@ -132,10 +142,89 @@ def qmatmul_speed(m=8192, k=2048, n=5632, iters=20):
   for name in qdot.RECIPES:
     if name == "bf16":
       continue
-    for impl in ("fast", "fp8"):
+    for impl in ("fast", "fp8", "xla", "pallas"):
       t = _median_time(f, x, w, g, qdot.get_recipe(name, impl=impl), key,
                        iters=iters)
       out[f"{name}/{impl}"] = {"ms": t * 1e3, "ratio": t / base}
+  return out
+
+
+@section("kernels")
+def kernels(m=8192, k=2048, iters=10):
+  from fp4jax.kernels import row_quant   # pylint: disable=g-import-not-at-top
+  interpret = jax.default_backend() != "gpu"
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((m, k)).astype(np.float32)
+  x[:, rng.choice(k, 8, replace=False)] *= 30.
+  x = jnp.asarray(x, jnp.bfloat16)
+  kern = jax.jit(lambda x: row_quant.occ_quantize(x, 0.99,
+                                                  interpret=interpret))
+  ref = jax.jit(lambda x: row_quant.occ_quantize_reference(x, 0.99))
+  got, want = kern(x), ref(x)
+  same = {f: bool(np.array_equal(np.asarray(getattr(got, f), np.float32),
+                                 np.asarray(getattr(want, f), np.float32)))
+          for f in ("values", "scale", "residual")}
+  copy = jax.jit(lambda x: x + jnp.bfloat16(0))
+  t_copy = _median_time(copy, x, iters=iters)
+  t_k = _median_time(kern, x, iters=iters)
+  t_r = _median_time(ref, x, iters=iters)
+  # Bytes each must move at least: read x (2 B), write codes (1 B), the
+  # residual (2 B) and the row scales.
+  moved = x.size * 5 + m * 4
+  out = {"bit_equal": same, "copy_gbs": 2 * x.nbytes / t_copy / 1e9,
+         "kernel_ms": t_k * 1e3, "reference_ms": t_r * 1e3,
+         "kernel_gbs": moved / t_k / 1e9,
+         "kernel_vs_copy_bw": (moved / t_k) / (2 * x.nbytes / t_copy),
+         "interpret": interpret}
+  # FP8 GEMMs in the fwd+bwd of fp4_paper (hw_faithful) under impl xla.
+  xs = jnp.asarray(rng.standard_normal((256, 512)), jnp.float32)
+  ws = jnp.asarray(rng.standard_normal((512, 384)) * 0.05, jnp.float32)
+  gs = jnp.asarray(rng.standard_normal((256, 384)), jnp.float32)
+  r = qdot.get_recipe("fp4_paper", impl="xla", hw_faithful=True)
+  f = jax.jit(_vjp_all, static_argnums=3)
+  lowered = f.lower(xs, ws, gs, r, None)
+  text = lowered.as_text()
+  out["fp8_dots_lowered"] = sum(1 for l in text.splitlines()
+                                if "dot_general" in l and "f8E" in l)
+  if jax.default_backend() == "gpu":
+    hlo = lowered.compile().as_text()
+    out["cublaslt_f8_calls"] = hlo.count("__cublas$lt$matmul$f8")
+  return out
+
+
+@section("gemm")
+def gemm_speed(sizes_=(4096, 8192), iters=10):
+  from fp4jax import gemm   # pylint: disable=g-import-not-at-top
+  out = {}
+  nn, nt, tn = ((((1,), (0,)), ((), ())), (((1,), (1,)), ((), ())),
+                (((0,), (0,)), ((), ())))
+  for s_ in sizes_:
+    if time.time() > DEADLINE[0]:
+      out[str(s_)] = "skipped: time budget"
+      continue
+    key = jax.random.key(s_)
+    a = jax.random.normal(key, (s_, s_), jnp.float32)
+    bf = jax.jit(lambda a, b, d: jax.lax.dot_general(
+        a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), d,
+        preferred_element_type=jnp.float32), static_argnums=2)
+    fl = 2 * s_ ** 3
+    for lname, d in (("fwd", nn), ("dgrad", nt), ("wgrad", tn)):
+      t_bf = _median_time(bf, a, a, d, iters=iters)
+      row = {"bf16_tflops": fl / t_bf / 1e12}
+      # Grid values (integers in E4M3's range) with scales on the free dims:
+      # the form every projection GEMM of impl "xla" takes.
+      v = jnp.clip(jnp.round(a), -6, 6)
+      sa = jnp.ones((s_, 1)) if lname != "wgrad" else jnp.ones((1, s_))
+      fb = "e5m2" if lname != "fwd" else "e4m3"
+      fa = "e5m2" if lname == "dgrad" else "e4m3"
+      for acc in ("fp32", "fast"):
+        f8 = jax.jit(lambda x, y, sx, acc=acc, d=d, fa=fa, fb=fb: gemm.qdot(
+            gemm.Operand(x, sx, fa), gemm.Operand(y, None, fb), d,
+            gemm.IMPLS["xla"], backward=True, accumulation=acc))
+        t = _median_time(f8, v, v, sa, iters=iters)
+        row[f"fp8_{acc}_tflops"] = fl / t / 1e12
+        row[f"fp8_{acc}_x_bf16"] = t_bf / t
+      out[f"{s_}/{lname}"] = row
   return out
 
 
@@ -214,8 +303,10 @@ def main():
                   help="small shapes (dry run on CPU)")
   ap.add_argument("--budget_s", type=float, default=420.,
                   help="start no new train-step timing after this many s")
-  ap.add_argument("--sections", default="corr,speed,train",
-                  help="comma list of corr, speed, train")
+  ap.add_argument("--sections", default="corr,kernels,gemm,speed,train",
+                  help="comma list of corr, kernels, gemm, speed, train "
+                       "(--quick: corr, kernels, gemm at toy sizes; add "
+                       "speed / train for those too)")
   ap.add_argument("--train_runs", default="",
                   help="size/recipe/batch,... (default: TRAIN_RUNS)")
   ap.add_argument("--prng", default="rbg",
@@ -234,13 +325,21 @@ def main():
   DEADLINE[0] = time.time() + a.budget_s
   env()
   if a.quick:
-    qmatmul_correctness(64, 128, 96)
-    qmatmul_speed(256, 128, 256, iters=2)
-    train_step_speed(runs=(("tiny", "bf16", 2), ("tiny", "fp4_paper", 2)),
-                     seq=32, iters=1)
+    qmatmul_correctness(64, 128, 96, recipes=QUICK_RECIPES)
+    kernels(64, 256, iters=1)
+    gemm_speed(sizes_=(64,), iters=1)
+    if "speed" in sections:
+      qmatmul_speed(256, 128, 256, iters=2)
+    if "train" in sections:
+      train_step_speed(runs=(("tiny", "bf16", 2), ("tiny", "fp4_paper", 2)),
+                       seq=32, iters=1)
   else:
     if "corr" in sections:
       qmatmul_correctness()
+    if "kernels" in sections:
+      kernels()
+    if "gemm" in sections:
+      gemm_speed()
     if "speed" in sections:
       qmatmul_speed()
     if "train" in sections:
@@ -261,7 +360,7 @@ def summarize(res):
                        f"{'' if v['finite'] else ' NONFINITE'}"
                        for impl, v in row.items())
       print(f"corr {name:12s} {cells}")
-  for sec in ("qmatmul_speed", "train_step"):
+  for sec in ("kernels", "gemm", "qmatmul_speed", "train_step"):
     for name, v in res.get(sec, {}).items():
       if isinstance(v, dict):
         print(f"{sec} {name:22s} " + " ".join(

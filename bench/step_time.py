@@ -16,6 +16,7 @@ cost as a share of N train steps (goal: <= 5% at N = 50).
 """
 
 import argparse
+import ast
 import statistics
 import sys
 import time
@@ -34,7 +35,9 @@ def _args(argv):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--size", default="demo", help="key of fp4jax.sizes.SIZES")
   p.add_argument("--recipes", default="bf16,fp4_paper",
-                 help="comma-separated recipe names; ratios are vs the first")
+                 help="comma-separated recipes, each NAME or NAME:k=v;k=v "
+                      "(get_recipe overrides, e.g. nvfp4_nvidia:rht_wgrad=0);"
+                      " ratios are vs the first")
   # Defaults are configs/demo.py's shapes.
   p.add_argument("--batch", type=int, default=8, help="global batch B")
   p.add_argument("--seq", type=int, default=64, help="sequence length T")
@@ -50,6 +53,16 @@ def _args(argv):
   p.add_argument("--warmup", type=int, default=2,
                  help="untimed steps after compiling")
   return p.parse_args(argv)
+
+
+def _recipe(spec: str) -> qconfig.Recipe:
+  """NAME or NAME:k=v;k=v -> the overridden recipe."""
+  name, _, rest = spec.partition(":")
+  overrides = {}
+  for item in filter(None, rest.split(";")):
+    k, _, v = item.partition("=")
+    overrides[k] = ast.literal_eval(v)
+  return qconfig.get_recipe(name, **overrides)
 
 
 def main(argv=None) -> dict[str, float]:
@@ -70,7 +83,7 @@ def main(argv=None) -> dict[str, float]:
         f"jax {jax.__version__}", flush=True)
   runs = {}
   for name in recipes:
-    rules = qconfig.default_rules(qconfig.get_recipe(name))
+    rules = qconfig.default_rules(_recipe(name), model_cfg.n_layers)
     t = train_state.make_trainer(
         model_cfg, rules, optim_cfg, num_steps=1000, mesh=mesh,
         global_batch=a.batch, seq_len=a.seq, seed=0,
@@ -99,9 +112,9 @@ def main(argv=None) -> dict[str, float]:
         run["tele"].append(time.perf_counter() - t0)
   medians = {n: statistics.median(r["times"]) for n, r in runs.items()}
   base = medians[recipes[0]]
-  print(f"{'recipe':<14}{'median ms/step':>16}{'ratio':>8}")
+  print(f"{'recipe':<40}{'median ms/step':>16}{'ratio':>8}")
   for name, sec in medians.items():
-    print(f"{name:<14}{1e3 * sec:>16.1f}{sec / base:>7.2f}x")
+    print(f"{name:<40}{1e3 * sec:>16.1f}{sec / base:>7.2f}x")
   if a.telemetry_every:
     print(f"{'recipe':<14}{'telemetry ms':>16}{'x step':>8}"
           f"{'cost @' + str(a.telemetry_every):>12}")
