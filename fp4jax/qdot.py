@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -38,8 +39,7 @@ def _impl(recipe: Recipe) -> gemm.GemmImpl:
   return GEMM_IMPLS[gemm.resolve(recipe.impl)]
 
 
-def _dot(a, b, dims, dtype):
-  return gemm.dot(a, b, dims, dtype)
+_dot = gemm.dot
 
 
 def _op(q, spec: TensorQuant) -> gemm.Operand:
@@ -91,7 +91,6 @@ def _fwd_core(x, w, r: Recipe, key):
   fused = _row_kernel(x32, r)
   if fused is not None:
     xc, resid, qx = fused
-    xc = x32 if xc is None and r.occ_alpha is None else xc
   else:
     if r.occ_alpha is not None:
       xc, resid = quant.occ_clamp(x32, r.occ_alpha, r.occ_axis)
