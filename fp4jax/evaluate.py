@@ -154,7 +154,8 @@ def _run_task(name, items, files, tok, forward, max_len, batch_size,
     lls.append([ll for ll, _ in out[k:k + len(it.choices)]])
     k += len(it.choices)
   results[name] = scoring.multiple_choice_metrics(
-      lls, [it.choices for it in task_items], [it.gold for it in task_items])
+      lls, [it.choice_texts() for it in task_items],
+      [it.gold for it in task_items])
 
 
 def _write(workdir: str, step: int, precision: str, limit: int | None,

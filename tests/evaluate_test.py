@@ -66,9 +66,20 @@ def test_a_model_favouring_the_gold_scores_100_and_one_against_it_0():
 
 def test_acc_norm_divides_by_the_choice_length_in_characters():
   # ll -6 over 6 chars beats -4 over 2 chars only when normalised.
-  m = scoring.multiple_choice_metrics([[-6.0, -4.0]], [(" abcde", " a")],
+  m = scoring.multiple_choice_metrics([[-6.0, -4.0]], [("abcdef", "ab")],
                                       [0])
   assert m["acc"]["value"] == 0.0 and m["acc_norm"]["value"] == 1.0
+
+
+def test_acc_norm_leaves_the_target_delimiter_out_of_the_length():
+  # lm-eval divides by len(doc_to_choice), without the " " it prepends:
+  # -3/3 > -2.1/2 picks "abc"; counting the space (-3/4 < -2.1/3) would
+  # pick "ab".
+  item = tasks.Item("Q:", (" abc", " ab"), 0)
+  assert item.choice_texts() == ("abc", "ab")
+  m = scoring.multiple_choice_metrics([[-3.0, -2.1]], [item.choice_texts()],
+                                      [0])
+  assert m["acc_norm"]["value"] == 1.0
 
 
 def test_encode_pair_moves_trailing_spaces_into_the_continuation():

@@ -1,9 +1,19 @@
-"""The lm-evaluation-harness adapter, called directly on a few requests.
+"""The lm-evaluation-harness adapter: its methods called directly on a few
+requests, and the stock harness run on the local task files through it.
 
-Needs the `eval` extra (lm_eval); runs in CI's Hugging Face step (`-m hf`).
+Needs the `eval` extra (lm_eval and its dependencies); runs in CI's Hugging
+Face step (`-m hf`). The harness reads the task files with the `datasets`
+json builder, offline.
 """
 
+import json
 import math
+import os
+
+# Before lm_eval imports `datasets` / `huggingface_hub`: nothing may reach
+# the network (a hub lookup retries for minutes offline).
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax
 import numpy as np
@@ -14,19 +24,32 @@ import faults
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # pylint: disable=wrong-import-position
 
+from fp4jax import evaluate  # pylint: disable=wrong-import-position
+from fp4jax.evaluation import harness_tasks  # pylint: disable=wrong-import-position
 from fp4jax.evaluation import lm_eval_adapter  # pylint: disable=wrong-import-position
+from fp4jax.evaluation import tasks  # pylint: disable=wrong-import-position
 
 pytestmark = pytest.mark.hf
 
 # The adapter's f32 sums vs the float64 oracle's (see evaluate_test).
 LL_RTOL = 1e-5
+# Harness vs fp4jax.evaluate: the same f32 log-likelihoods (same batch
+# size, so the same padded forwards); the two exp(-mean) differ only by
+# float64 summation order.
+PPL_RTOL = 1e-9
+BATCH = 2
+TASK_DIR = faults.ROOT / "tests" / "testdata" / "eval"
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-  workdir = faults.text_run(tmp_path_factory.mktemp("lmeval"), "fp4_paper")
-  return lm_eval_adapter.Fp4jaxLM(workdir=str(workdir), precision="f32",
-                                  batch_size=2)
+def workdir(tmp_path_factory):
+  return str(faults.text_run(tmp_path_factory.mktemp("lmeval"), "fp4_paper"))
+
+
+@pytest.fixture(scope="module")
+def lm(workdir):
+  return lm_eval_adapter.Fp4jaxLM(workdir=workdir, precision="f32",
+                                  batch_size=BATCH)
 
 
 def _logp(lm, tokens):
@@ -84,3 +107,56 @@ def test_generate_until_is_greedy_and_stops(lm):
   first = int(np.argmax(_logp(lm, np.append(ids, 0))[-1]))
   assert text.startswith(lm.tokenizer.decode([first])) or first == (
       lm.tokenizer.eos_id)
+
+
+def test_the_stock_harness_on_the_local_tasks_equals_fp4jax_evaluate(
+    lm, workdir, tmp_path):
+  from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
+  names = list(tasks.TASKS)
+  harness_names = harness_tasks.write(str(TASK_DIR), str(tmp_path / "t"),
+                                      names)
+  got = lm_eval.simple_evaluate(
+      model=lm, tasks=harness_names, bootstrap_iters=0,   # no forked pool
+      task_manager=TaskManager(include_path=str(tmp_path / "t")))["results"]
+  assert evaluate.main([f"--workdir={workdir}", f"--tasks={','.join(names)}",
+                        f"--data_dir={TASK_DIR}", "--precision=f32",
+                        f"--batch_size={BATCH}"]) == 0
+  step = max(int(f[5:-5]) for f in os.listdir(os.path.join(workdir, "eval")))
+  with open(os.path.join(workdir, "eval", f"step_{step}.json")) as f:
+    ours = json.load(f)["f32"]
+  for name in names:
+    h = got[harness_tasks.task_name(name)]
+    n = len(tasks.load(name, str(TASK_DIR)))
+    assert h["sample_len"] == n == ours[name]["acc"]["n"], name
+    assert h["acc,none"] == ours[name]["acc"]["value"], name
+    if tasks.TASKS[name].kind == "lambada":
+      assert math.isclose(h["perplexity,none"],
+                          ours[name]["perplexity"]["value"],
+                          rel_tol=PPL_RTOL), name
+    else:
+      assert h["acc_norm,none"] == ours[name]["acc_norm"]["value"], name
+
+
+def test_the_adapter_cli_runs_the_stock_harness_on_local_files(workdir):
+  r = faults.run_main(
+      "--model", "fp4jax", "--model_args", f"workdir={workdir},precision=f32",
+      "--tasks", "fp4jax_boolq,fp4jax_sciq",
+      f"--data_dir={TASK_DIR}", "--batch_size", "4",
+      module="fp4jax.evaluation.lm_eval_adapter")
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [l for l in r.stdout.splitlines() if l.startswith("|fp4jax_")]
+  assert [l.split("|")[1].strip() for l in rows] == [
+      "fp4jax_boolq", "fp4jax_sciq"], r.stdout[-2000:]
+
+
+def test_the_adapter_cli_names_a_bad_data_dir_in_one_line(workdir,
+                                                           tmp_path):
+  r = faults.run_main(
+      "--model", "fp4jax", "--model_args", f"workdir={workdir}",
+      "--tasks", "fp4jax_piqa", f"--data_dir={tmp_path}",
+      module="fp4jax.evaluation.lm_eval_adapter")
+  assert r.returncode == 1, r.stderr[-2000:]
+  last = faults.last_line(r.stderr)
+  assert last.startswith(f"error: --data_dir {tmp_path}: ") and (
+      "piqa" in last), r.stderr[-2000:]
+  assert "Traceback" not in r.stderr

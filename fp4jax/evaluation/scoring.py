@@ -163,7 +163,11 @@ def multiple_choice_metrics(lls: Sequence[Sequence[float]],
                             choices: Sequence[Sequence[str]],
                             golds: Sequence[int]) -> dict[str, Any]:
   """acc (argmax log p) and acc_norm (argmax log p / len(choice) in
-  characters, lm-eval's length normalisation), with stderr and n."""
+  characters, lm-eval's length normalisation), with stderr and n.
+
+  `choices` are the choice texts as lm-eval's doc_to_choice gives them,
+  without the target delimiter it prepends when scoring (its acc_norm
+  divides by len(" abc") - 1 = 3, not 4; `Item.choice_texts()`)."""
   acc = [float(int(np.argmax(ll)) == g) for ll, g in zip(lls, golds)]
   acc_norm = [float(int(np.argmax([v / max(len(c), 1)
                                    for v, c in zip(ll, ch)])) == g)

@@ -77,6 +77,12 @@ class Item:
   choices: tuple[str, ...]
   gold: int
 
+  def choice_texts(self) -> tuple[str, ...]:
+    """The choices as lm-eval's doc_to_choice gives them (no delimiter):
+    what its acc_norm divides by the length of."""
+    return tuple(c[len(DELIMITER):] if c.startswith(DELIMITER) else c
+                 for c in self.choices)
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:
