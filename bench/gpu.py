@@ -176,6 +176,7 @@ def kernels(m=8192, k=2048, iters=10):
          "kernel_gbs": moved / t_k / 1e9,
          "kernel_vs_copy_bw": (moved / t_k) / (2 * x.nbytes / t_copy),
          "interpret": interpret}
+  out["compensation"] = _compensation_speed(m, k, iters)
   # FP8 GEMMs in the fwd+bwd of fp4_paper (hw_faithful) under impl xla.
   xs = jnp.asarray(rng.standard_normal((256, 512)), jnp.float32)
   ws = jnp.asarray(rng.standard_normal((512, 384)) * 0.05, jnp.float32)
@@ -190,6 +191,26 @@ def kernels(m=8192, k=2048, iters=10):
     hlo = lowered.compile().as_text()
     out["cublaslt_f8_calls"] = hlo.count("__cublas$lt$matmul$f8")
   return out
+
+
+def _compensation_speed(m, k, iters):
+  """fp4_paper's fwd + bwd at [m, k] x [k, k] with OCC's compensation as
+  dense GEMMs (sparse_impl "gemm") vs ELL gathers ("ell"): time and the
+  difference of their outputs (the same math up to summation order)."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_t(3, (m, k)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, k)) * 0.05, jnp.float32)
+  g = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+  f = jax.jit(_vjp_all, static_argnums=3)
+  outs, times = {}, {}
+  for impl in ("gemm", "ell"):
+    r = qdot.get_recipe("fp4_paper", sparse_impl=impl)
+    outs[impl] = [np.asarray(t) for t in f(x, w, g, r, None)]
+    times[impl] = _median_time(f, x, w, g, r, None, iters=iters)
+  return {"gemm_ms": times["gemm"] * 1e3, "ell_ms": times["ell"] * 1e3,
+          "ell_vs_gemm": times["ell"] / times["gemm"],
+          "max_rel_diff": max(_rel(a, b) for a, b in
+                              zip(outs["ell"], outs["gemm"]))}
 
 
 @section("gemm")

@@ -61,7 +61,10 @@ def _recipe(spec: str) -> qconfig.Recipe:
   overrides = {}
   for item in filter(None, rest.split(";")):
     k, _, v = item.partition("=")
-    overrides[k] = ast.literal_eval(v)
+    try:
+      overrides[k] = ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+      overrides[k] = v          # a bare word: a string (sparse_impl=ell)
   return qconfig.get_recipe(name, **overrides)
 
 

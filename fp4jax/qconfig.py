@@ -19,6 +19,7 @@ from fp4jax import numerics
 SCALE_FMTS = ("f32", "e8m0", "e4m3")
 SCALE_RULES = ("absmax", "quest")
 COMPENSATIONS = ("none", "dense", "sparse")
+SPARSE_IMPLS = ("gemm", "ell")
 IMPLS = ("auto", "reference", "fast", "fp8", "xla", "pallas")
 ACCUMULATIONS = ("fp32", "fast")
 
@@ -145,6 +146,11 @@ class Recipe:
       before the GEMM, Y = (Q(Xc) + R) Q(W)) or "sparse" (paper: a separate
       high-precision GEMM, Y = Q(Xc) Q(W) + R W). Required (no default)
       whenever occ_alpha is set; ignored without OCC.
+    sparse_impl: how "sparse" compensation's three products (R W, R^T G
+      and G W^T at R's nonzeros) run: "gemm" (dense GEMMs on the mostly
+      zero residual) or "ell" (fp4jax.compensation: a fixed count of
+      nonzeros per row, gathers instead of GEMMs; needs per-token OCC).
+      The same numbers either way, up to f32 summation order.
     hw_faithful: re-quantize x and w along the backward GEMMs' own
       contraction axes (as hardware must) instead of reusing the forward's
       quantized operands (exact only in simulation).
@@ -182,6 +188,7 @@ class Recipe:
   occ_alpha: float | None = None
   occ_axis: int | None = -1
   compensation: str | None = None
+  sparse_impl: str = "gemm"
   hw_faithful: bool = False
   impl: str = "auto"
   accumulation: str = "fp32"
@@ -215,6 +222,14 @@ class Recipe:
         and self.compensation not in COMPENSATIONS):
       raise ValueError(f"unknown compensation {self.compensation!r}; "
                        f"expected one of {COMPENSATIONS}")
+    if self.sparse_impl not in SPARSE_IMPLS:
+      raise ValueError(f"unknown sparse_impl {self.sparse_impl!r}; expected "
+                       f"one of {SPARSE_IMPLS}")
+    if (self.sparse_impl == "ell" and self.occ_alpha is not None
+        and self.occ_axis is None):
+      raise ValueError(f"recipe {self.name!r}: sparse_impl='ell' needs "
+                       "per-token OCC (occ_axis=-1): a tensor-wise quantile "
+                       "bounds no row's count of outliers")
     if self.impl not in IMPLS:
       raise ValueError(f"unknown impl {self.impl!r}; expected one of {IMPLS}")
     if self.accumulation not in ACCUMULATIONS:

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fp4jax import gemm, hadamard, numerics, quant
+from fp4jax import compensation, gemm, hadamard, numerics, quant
 from fp4jax.kernels import row_quant
 from fp4jax.qconfig import RECIPES, Recipe, TensorQuant, get_recipe
 
@@ -78,6 +78,18 @@ def _row_kernel(x32, r: Recipe):
   return None, out.residual, qx
 
 
+def _ell(r: Recipe, resid):
+  """The residual in ELL form (sparse_impl "ell"), else None. Exact: with
+  per-token OCC no row holds more than `compensation.capacity` nonzeros."""
+  if r.sparse_impl != "ell":
+    return None
+  cap = compensation.capacity(resid.shape[1], r.occ_alpha)
+  if cap == 0:   # too few columns for any outlier: R == 0
+    return compensation.Ell(jnp.zeros((resid.shape[0], 0), jnp.int32),
+                            jnp.zeros((resid.shape[0], 0), jnp.float32))
+  return compensation.to_ell(resid, cap)
+
+
 def _fwd_core(x, w, r: Recipe, key):
   """Forward GEMM. Returns y [M, N] f32 and what the backward needs."""
   impl = _impl(r)
@@ -117,8 +129,13 @@ def _fwd_core(x, w, r: Recipe, key):
     x_eff = x_deq
     if comp == "sparse":
       # Paper: the sparse residual goes through a separate high precision
-      # GEMM with the unquantized weight (dense math, separate GEMM).
-      y = y + _dot(resid, w32, _NN, impl.deq_dtype)
+      # product with the unquantized weight.
+      ell = _ell(r, resid)
+      if ell is None:
+        y = y + _dot(resid, w32, _NN, impl.deq_dtype)
+      elif ell.idx.shape[1]:
+        y = y + compensation.spmm(ell, w32)
+      resid = resid if ell is None else ell
   # Save only what this recipe's backward reads, in the operands' dtypes
   # (bf16 in a bf16 model); w itself is a parameter, live anyway.
   reuse = not r.hw_faithful
@@ -230,7 +247,12 @@ def _bwd_core(r: Recipe, res, g):
     # DGE: d(dequantized W)/dW evaluated on the scaled weight (RECIPE §3).
     dw = dw * quant.dge_derivative(w.astype(jnp.float32) * sw, r.dge_k,
                                    r.dge_cap, _dge_spec(r).fmt)
-  if comp == "sparse":
+  if comp == "sparse" and isinstance(resid, compensation.Ell):
+    if resid.idx.shape[1]:
+      dw = dw + compensation.spmm_t(resid, gq_w.dequantize(), dw.shape[0])
+      dx = compensation.replace_at_nonzeros(dx, resid, gq_d.dequantize(),
+                                            w.astype(jnp.float32))
+  elif comp == "sparse":
     r32 = resid.astype(jnp.float32)
     gq_w32, gq_d32 = gq_w.dequantize(), gq_d.dequantize()
     dw = dw + _dot(r32, gq_w32, _TN, impl.deq_dtype)

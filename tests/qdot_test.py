@@ -72,6 +72,8 @@ _CASES = [(name, {}, spec) for name, spec in _SPEC_OF.items()] + [
     ("fp4_paper", {"rounding": "rne"}, np_ref.MatmulSpec(mode="rne")),
     ("fp4_paper", {"impl": "fast"}, np_ref.FP4_PAPER),
     ("fp4_paper", {"impl": "reference"}, np_ref.FP4_PAPER),
+    # The compensation products as ELL gathers: the same oracle.
+    ("fp4_paper", {"sparse_impl": "ell"}, np_ref.FP4_PAPER),
 ]
 
 
@@ -450,7 +452,9 @@ def _count(jaxpr, counts):
   return counts
 
 
-def _mlp_counts(recipe):
+def _mlp_counts(recipe, **overrides):
+  if overrides:
+    recipe = qdot.get_recipe(recipe, **overrides)
   def loss(x, w1, w2):
     h = jax.nn.relu(qdot.qmatmul(x, w1, recipe))
     return jnp.sum(qdot.qmatmul(h, w2, recipe) ** 2)
@@ -491,6 +495,16 @@ def test_jaxpr_fp4_paper_quantizes_every_gemm(plain_counts):
   assert c["e5m2"] >= 2, c                # gradient quantizer, both layers
   assert c["order"] >= 2, c               # OCC order statistics per layer
   assert c["pow"] >= 2, c                 # the DGE power law per layer
+
+
+def test_jaxpr_ell_compensation_runs_no_extra_gemm():
+  # sparse_impl "ell": the three compensation products are gathers, so
+  # only the forward, dgrad and wgrad GEMMs remain (3 per layer). alpha
+  # 0.9 leaves 2 and 6 outlier slots per row at K = 16, 32 (0.99: none).
+  c = _mlp_counts("fp4_paper", sparse_impl="ell", occ_alpha=0.9)
+  assert c["dot"] == 3 * 2, c
+  assert _mlp_counts("fp4_paper", occ_alpha=0.9)["dot"] == 6 * 2
+  assert c["order"] >= 2 and c["pow"] >= 2, c
 
 
 def test_jaxpr_direct_cast_has_no_occ_or_dge():
