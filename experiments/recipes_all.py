@@ -3,6 +3,8 @@ r"""The FP4 training recipes of four papers side by side on the anchor run.
   python -m experiments.run recipes_all --seeds 1     # seed 0, every arm
   python -m experiments.run recipes_all --seeds 2 \
       --arms f32_lr0.003,fp4_paper_lr0.003,...         # seed 1 at the best LRs
+  python -m experiments.run recipes_all --seeds 2 \
+      --arms nvfp4_nvidia_lr0.003_sb0.1                # late switch to BF16
 
 f32 (baseline), fp4_paper (Wang et al.), nvfp4_nvidia (NVIDIA 2509.25149),
 mxfp4_tseng (Tseng et al. 2502.20586) and quartet (Castro et al.
@@ -23,6 +25,11 @@ D_FF = 704
 ARMS = {f"{r}_lr{lr:g}": Arm(f"recipe={r},lr={lr}",
                              sets=(("model.d_ff", D_FF),), group=r)
         for lr in LRS for r in RECIPES}
+# NVIDIA's Appendix D: the forward GEMMs in BF16 for the last 10% of steps.
+ARMS["nvfp4_nvidia_lr0.003_sb0.1"] = Arm(
+    "recipe=nvfp4_nvidia,lr=0.003",
+    sets=(("model.d_ff", D_FF), ("quant.switch_back", 0.1)),
+    group="nvfp4_nvidia")
 BASELINE = "f32_lr0.003"
 SEEDS = 2
 STEPS = 200
