@@ -83,11 +83,10 @@ def _ell(r: Recipe, resid):
   per-token OCC no row holds more than `compensation.capacity` nonzeros."""
   if r.sparse_impl != "ell":
     return None
-  cap = compensation.capacity(resid.shape[1], r.occ_alpha)
-  if cap == 0:   # too few columns for any outlier: R == 0
-    return compensation.Ell(jnp.zeros((resid.shape[0], 0), jnp.int32),
-                            jnp.zeros((resid.shape[0], 0), jnp.float32))
-  return compensation.to_ell(resid, cap)
+  # Capacity 0 (too few columns for any outlier) gives zero slots, which
+  # every product handles as R == 0.
+  return compensation.to_ell(
+      resid, compensation.capacity(resid.shape[1], r.occ_alpha))
 
 
 def _fwd_core(x, w, r: Recipe, key):
@@ -133,9 +132,9 @@ def _fwd_core(x, w, r: Recipe, key):
       ell = _ell(r, resid)
       if ell is None:
         y = y + _dot(resid, w32, _NN, impl.deq_dtype)
-      elif ell.idx.shape[1]:
+      else:
         y = y + compensation.spmm(ell, w32)
-      resid = resid if ell is None else ell
+        resid = ell   # what the backward reads: c / K of the dense residual
   # Save only what this recipe's backward reads, in the operands' dtypes
   # (bf16 in a bf16 model); w itself is a parameter, live anyway.
   reuse = not r.hw_faithful
@@ -247,11 +246,10 @@ def _bwd_core(r: Recipe, res, g):
     # DGE: d(dequantized W)/dW evaluated on the scaled weight (RECIPE §3).
     dw = dw * quant.dge_derivative(w.astype(jnp.float32) * sw, r.dge_k,
                                    r.dge_cap, _dge_spec(r).fmt)
-  if comp == "sparse" and isinstance(resid, compensation.Ell):
-    if resid.idx.shape[1]:
-      dw = dw + compensation.spmm_t(resid, gq_w.dequantize(), dw.shape[0])
-      dx = compensation.replace_at_nonzeros(dx, resid, gq_d.dequantize(),
-                                            w.astype(jnp.float32))
+  if comp == "sparse" and r.sparse_impl == "ell":   # resid is an Ell
+    dw = dw + compensation.spmm_t(resid, gq_w.dequantize(), dw.shape[0])
+    dx = compensation.replace_at_nonzeros(dx, resid, gq_d.dequantize(),
+                                          w.astype(jnp.float32))
   elif comp == "sparse":
     r32 = resid.astype(jnp.float32)
     gq_w32, gq_d32 = gq_w.dequantize(), gq_d.dequantize()

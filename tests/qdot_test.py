@@ -511,3 +511,14 @@ def test_jaxpr_direct_cast_has_no_occ_or_dge():
   c = _mlp_counts("w4a4_direct")
   assert c["dot"] >= 6 and c["e5m2"] >= 2, c
   assert c["order"] == 0 and c["pow"] == 0, c
+
+
+def test_ell_with_no_outlier_slots_equals_gemm():
+  # K = 16 at alpha 0.99 leaves capacity 0: zero ELL slots, R == 0.
+  rng = np.random.default_rng(5)
+  x, w, g = (rng.standard_normal(s).astype(np.float32)
+             for s in ((8, 16), (16, 4), (8, 4)))
+  got = _run(qdot.get_recipe("fp4_paper", sparse_impl="ell"), x, w, g)
+  want = _run(qdot.get_recipe("fp4_paper"), x, w, g)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)

@@ -53,7 +53,7 @@ class Fp4jaxLM(LM):
                **unused: Any):
     super().__init__()
     del unused   # lm-eval passes device / dtype keys meant for HF models
-    if batch_size in ("auto", None) or str(batch_size).startswith("auto"):
+    if batch_size is None or str(batch_size).startswith("auto"):
       batch_size = 16   # lm-eval's "auto[:N]" probes HF models' memory
     self._loaded = loader.load(workdir, None if step in (None, "") else
                                int(step), precision)
