@@ -34,7 +34,8 @@ parameters and the full local gradient are live at once (XLA's own FSDP
 may gather layer by layer); tensor parallelism (mesh.tensor > 1) would
 need collectives inside the model and is refused.
 
-Must not import: flax, optax, or fp4jax modules other than sharding.
+Must not import: flax, optax, or fp4jax modules other than sharding and
+numerics (its exact power-of-two scales).
 """
 
 from collections.abc import Callable
@@ -44,6 +45,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from fp4jax import numerics
 
 GRAD_DTYPES = ("float32", "bfloat16", "float8_e4m3fn", "float8_e5m2")
 # Largest power-of-two exponent of a payload scale (see pow2_scale).
@@ -69,15 +72,14 @@ def pow2_scale(amax: jax.Array, dtype: Any) -> jax.Array:
   otherwise give s = 2^126, whose products XLA may evaluate as 0 once it
   fuses the cast and the division back (measured: bf16 gradients summed
   to exactly 0); values that small lose nothing that matters by staying
-  below the dtype's normal range.
+  below the dtype's normal range. The exponent is that of the exact ratio
+  (numerics.pow2_scale), so s is exactly a power of two and the largest
+  one that fits.
   """
   if jnp.finfo(dtype).maxexp >= jnp.finfo(jnp.float32).maxexp:
-    return jnp.ones((), jnp.float32)
+    return jnp.ones(jnp.shape(amax), jnp.float32)
   fmax = float(jnp.finfo(dtype).max)
-  ok = (amax > 0) & jnp.isfinite(amax)
-  e = jnp.floor(jnp.log2(fmax) - jnp.log2(jnp.where(ok, amax, 1.0)))
-  e = jnp.clip(e, -126.0, MAX_SCALE_EXP)
-  return jnp.where(ok, jnp.exp2(e), 1.0).astype(jnp.float32)
+  return numerics.pow2_scale(fmax, amax, max_exp=int(MAX_SCALE_EXP))
 
 
 def _cast(x: jax.Array, scale: jax.Array, low: Any) -> jax.Array:

@@ -93,12 +93,15 @@ class Operand(NamedTuple):
   scale: broadcastable to values (keepdims [R, 1], [1, C], [1, 1]; full
   shape for block scales), or None for 1; fmt: a numerics.FORMATS name, or
   None (not on a grid); spec: the TensorQuant it was quantized with, if any
-  (block-scaled GEMMs read its block layout).
+  (block-scaled GEMMs read its block layout); tensor_scale: NVFP4's f32 []
+  per-tensor decode scale, already part of `scale` (quant.QTensor), for
+  block-scaled GEMMs that apply it separately.
   """
   values: jax.Array
   scale: jax.Array | None = None
   fmt: str | None = None
   spec: TensorQuant | None = None
+  tensor_scale: jax.Array | None = None
 
   def dequantize(self) -> jax.Array:
     v = self.values.astype(jnp.float32)
@@ -224,6 +227,8 @@ def _blocked_along(op: Operand, contract: int) -> bool:
   q = op.spec
   if q is None or op.fmt is None or op.scale is None:
     return False
+  if q.tensor_scale and op.tensor_scale is None:
+    return False   # cannot split the block scales from the tensor scale
   if (q.fmt, q.block, q.scale_fmt) not in _SCALED or q.scale_mult != 1.0:
     return False   # a 3/4 pre-scale leaves the format's scale grid
   # 2-D tiles are 1 x block runs along either axis; 1-D blocks must run
@@ -250,9 +255,13 @@ def scaled_matmul(a: Operand, b: Operand, dims) -> jax.Array:
   """a @ b through jax.nn.scaled_matmul (see can_use_scaled_matmul).
 
   Operands go K-minor as [1, M, K] / [1, N, K] with [1, M, K / block]
-  decode scales in the format's scale dtype. NVFP4's per-tensor f32 level
-  is taken out of the block scales (the largest block decode is exactly
-  448 x the tensor scale) and applied to the output.
+  decode scales in the format's scale dtype. NVFP4's per-tensor f32 scale
+  comes with the operand (Operand.tensor_scale): its E4M3 block scales are
+  the decode scales divided by it, and it is applied to the output. An
+  E4M3-scaled block whose values are all zero (an all-zero block, padding,
+  masked tokens, or one whose E4M3 scale flushed) adds nothing to the
+  product whatever its scale: it gets decode scale 0, as Transformer Engine
+  stores it, which also keeps its unit scale from overflowing E4M3.
   """
   (lc,), (rc,) = dims[0]
   vdt, sdt = _SCALED[(a.spec.fmt, a.spec.block, a.spec.scale_fmt)]
@@ -260,11 +269,14 @@ def scaled_matmul(a: Operand, b: Operand, dims) -> jax.Array:
   for op, contract in ((a, lc), (b, rc)):
     v = op.values if contract == 1 else op.values.T          # [rows, K]
     decode = 1. / (op.scale if contract == 1 else op.scale.T)
-    decode = decode[:, ::op.spec.block]
+    blk = op.spec.block
+    decode = decode[:, ::blk]
     if op.spec.tensor_scale:
-      ts = jnp.max(decode) / 448.
-      ts = jnp.where(ts > 0, ts, 1.)
+      ts = jnp.asarray(op.tensor_scale, jnp.float32).reshape(())
       decode, outer = decode / ts, outer * ts
+    if sdt == jnp.float8_e4m3fn:   # E8M0 has no zero (nor any overflow)
+      empty = jnp.all(v.reshape(v.shape[0], -1, blk) == 0, axis=-1)
+      decode = jnp.where(empty, 0., decode)
     parts += [v.astype(vdt)[None], decode.astype(sdt)[None]]
   y = jax.nn.scaled_matmul(parts[0], parts[2], parts[1], parts[3],
                            preferred_element_type=jnp.float32)[0]

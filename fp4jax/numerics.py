@@ -4,8 +4,10 @@ Owns: the value grids of the FP4 formats E2M1 / E1M2 / E3M0 and of FP8 E4M3 /
 E5M2, their maxima, and rounding onto them: "paper" (the released CUDA
 look-up table: thresholds at midpoints, ties go up toward +inf, saturate),
 "rne" (round half to even on magnitudes, what ml_dtypes casts do) and
-"stochastic" (unbiased, explicit PRNG key). Also the saturating FP8 cast and
-the E8M0 / E4M3 block-scale casts.
+"stochastic" (unbiased, explicit PRNG key). Also the saturating FP8 cast,
+the E8M0 / E4M3 block-scale casts, and exact power-of-two scales
+(`pow2_scale`: exponent by frexp, power by ldexp), which every module that
+makes such a scale uses.
 
 Must not import: flax, ml_collections, tensorflow, anything else in fp4jax.
 """
@@ -245,16 +247,99 @@ def round_to_format(x: jax.Array, fmt: str, mode: str = "paper",
   return jnp.where(jnp.isnan(xf), xf, out).astype(x.dtype)
 
 
+# ----------------------------------------------------------- powers of two
+# Every power-of-two scale (E8M0 block scales, pow2 scales, the FP8
+# communication and Adam-moment scales) is built here, from the exponent
+# bits: frexp reads an exponent exactly, ldexp writes 2**e exactly. Neither
+# log2 nor exp2 is used: on XLA:CPU floor(log2(x)) of the f32 one ulp below
+# a power of two rounds up to that power's exponent, and exp2 of an integer
+# is not always an exact power of two (jax 0.10: 221 of the 254 normal
+# exponents, all beyond +-12, off by up to 4e-6 relative; 2**-126 flushed).
+F32_MIN_EXP = -126   # exponent of the smallest normal f32
+F32_MAX_EXP = 127    # exponent of the largest finite f32's binade
+_F32_TINY = float(np.finfo(np.float32).tiny)
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _positive_normal(v: jax.Array) -> jax.Array:
+  # Subnormals count as zero, as XLA:CPU's arithmetic flushes them (jax
+  # 0.10's frexp reads their exponent, 0.12's returns 0: this keeps both
+  # and every backend alike). NaN fails both comparisons.
+  return (v >= _F32_TINY) & (v <= _F32_MAX)
+
+
+def pow2_exponent(num: jax.Array, den: jax.Array | float = 1.0, *,
+                  ceil: bool = False) -> jax.Array:
+  """floor(log2(num / den)) (or ceil) of the exact quotient, int32.
+
+  With num = a 2**i and den = b 2**j (frexp: a, b in [0.5, 1)), num / den =
+  (a / b) 2**(i - j) and a / b lies in (0.5, 2), so the floor is i - j - 1
+  where a < b and i - j otherwise; the ceil adds 1 unless a == b (the
+  quotient is a power of two). No division is rounded: the answer is that
+  of real arithmetic on the two f32 inputs.
+
+  Args:
+    num, den: float arrays (broadcast together), taken as f32; meaningful
+      where both are positive normal f32 (see `pow2_scale` for the rest).
+    ceil: round the logarithm up instead of down.
+
+  Returns:
+    int32, the broadcast shape.
+  """
+  a, i = jnp.frexp(jnp.asarray(num, jnp.float32))
+  b, j = jnp.frexp(jnp.asarray(den, jnp.float32))
+  e = i - j - (a < b).astype(jnp.int32)
+  if ceil:
+    e = e + (a != b).astype(jnp.int32)
+  return e
+
+
+def exp2_int(e: jax.Array) -> jax.Array:
+  """2**e exactly, f32, for integer e in [F32_MIN_EXP, F32_MAX_EXP] (ldexp
+  writes the exponent bits; below that range the result flushes to 0)."""
+  return jnp.ldexp(jnp.float32(1), jnp.asarray(e, jnp.int32))
+
+
+def pow2_scale(num: jax.Array, den: jax.Array | float = 1.0, *,
+               ceil: bool = False, min_exp: int = F32_MIN_EXP,
+               max_exp: int = F32_MAX_EXP) -> jax.Array:
+  """2**clip(floor(log2(num / den)), min_exp, max_exp), exact, f32.
+
+  The one place power-of-two scales are made: the exponent from
+  `pow2_exponent` (exact, no rounded quotient), the power from `exp2_int`.
+
+  Args:
+    num, den: float arrays (broadcast together).
+    ceil: 2**ceil(log2(num / den)) instead.
+    min_exp, max_exp: exponent bounds, within [F32_MIN_EXP, F32_MAX_EXP].
+
+  Returns:
+    f32, the broadcast shape; 1 where num or den is not a positive normal
+    f32 (zero, subnormal, negative, inf or NaN).
+  """
+  if not F32_MIN_EXP <= min_exp <= max_exp <= F32_MAX_EXP:
+    raise ValueError(f"pow2_scale needs {F32_MIN_EXP} <= min_exp <= max_exp "
+                     f"<= {F32_MAX_EXP}, got {min_exp}, {max_exp}")
+  num = jnp.asarray(num, jnp.float32)
+  den = jnp.asarray(den, jnp.float32)
+  ok = _positive_normal(num) & _positive_normal(den)
+  e = jnp.clip(pow2_exponent(num, den, ceil=ceil), min_exp, max_exp)
+  return jnp.where(ok, exp2_int(e), jnp.float32(1))
+
+
 def cast_scale(s: jax.Array, scale_fmt: str) -> jax.Array:
   """Rounds a positive f32 decode scale to its storage format.
 
-  "f32": unchanged. "e8m0": a power of two (floor of log2, the OCP MX rule
-  for the shared exponent). "e4m3": the saturating FP8 E4M3 cast (NVFP4).
+  "f32": unchanged. "e8m0": a power of two, 2**floor(log2(s)) (the OCP MX
+  rule for the shared exponent; s below the smallest normal f32 gives 1,
+  see `pow2_scale`). "e4m3": the saturating FP8 E4M3 cast (NVFP4).
   """
   if scale_fmt == "f32":
     return s
   if scale_fmt == "e8m0":
-    return jnp.exp2(jnp.clip(jnp.floor(jnp.log2(s)), -127., 127.))
+    # E8M0 reaches down to 2**-127, an f32 subnormal: the f32 values of
+    # its range are 2**-126 .. 2**127.
+    return pow2_scale(s)
   if scale_fmt == "e4m3":
     return round_to_float(s, "e4m3")
   raise ValueError(

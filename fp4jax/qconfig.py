@@ -154,6 +154,11 @@ class Recipe:
     hw_faithful: re-quantize x and w along the backward GEMMs' own
       contraction axes (as hardware must) instead of reusing the forward's
       quantized operands (exact only in simulation).
+    requant_quantized: with hw_faithful, what the backward re-quantizes:
+      the forward's quantized (dequantized) X and W, True (Quartet's
+      released code: its backward receives the forward quantizers'
+      outputs), or the unquantized ones, False (Transformer Engine, Tseng
+      et al.). In Quartet's rotated space either way.
     impl: GEMM implementation (fp4jax.gemm.IMPLS): "reference" (f32
       operands, the oracle), "fast" (bf16 operands), "fp8" (forward grid
       GEMM in FP8 E4M3, exact for FP4 and E4M3 grids), "xla" (every GEMM
@@ -190,6 +195,7 @@ class Recipe:
   compensation: str | None = None
   sparse_impl: str = "gemm"
   hw_faithful: bool = False
+  requant_quantized: bool = False
   impl: str = "auto"
   accumulation: str = "fp32"
   w_dgrad: TensorQuant | None = None
@@ -239,8 +245,8 @@ class Recipe:
       b = getattr(self, name)
       if b and (b < 2 or b & (b - 1)):
         raise ValueError(f"{name} must be 0 or a power of two >= 2, got {b}")
-    needs_hw = [n for n in ("w_dgrad", "x_wgrad", "rht_dgrad", "rht_wgrad")
-                if getattr(self, n)]
+    needs_hw = [n for n in ("w_dgrad", "x_wgrad", "rht_dgrad", "rht_wgrad",
+                            "requant_quantized") if getattr(self, n)]
     if needs_hw and not self.hw_faithful:
       raise ValueError(f"recipe {self.name!r} sets {needs_hw}, which shape "
                        "the backward's re-quantized operands: set "
@@ -358,9 +364,11 @@ RECIPES: dict[str, Recipe] = {
     # (2.92 standard deviations of the block -> 6, E8M0, RNE) and its trust
     # mask (no gradient through saturated entries); backward as mxfp4_tseng
     # (Hadamard-32, 3/4 pre-scale, stochastic rounding on both operands of
-    # dgrad and wgrad). Left out: the per-step re-randomised Hadamard signs
-    # of its backward (one fixed sign vector here), its QuTLASS kernels,
-    # and Quartet II's MS-EDEN rounding.
+    # dgrad and wgrad), applied as in its released code to the forward's
+    # quantized X and W (requant_quantized; False re-quantizes the
+    # unquantized rotated X and W, as fp4jax did before). Left out: the
+    # per-step re-randomised Hadamard signs of its backward (one fixed sign
+    # vector here), its QuTLASS kernels, and Quartet II's MS-EDEN rounding.
     "quartet": Recipe(
         name="quartet",
         x=TensorQuant(axis=-1, scale_rule="quest", **_MX),
@@ -370,7 +378,7 @@ RECIPES: dict[str, Recipe] = {
         w_dgrad=TensorQuant(axis=1, **_MX_SR),
         x_wgrad=TensorQuant(axis=0, **_MX_SR),
         rht_fwd=32, rht_dgrad=32, rht_wgrad=32, clip_mask=True,
-        hw_faithful=True),
+        hw_faithful=True, requant_quantized=True),
 }
 
 # Overrides that apply to every quantized operand of the recipe (fwd x and w

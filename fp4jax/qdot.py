@@ -44,7 +44,7 @@ _dot = gemm.dot
 
 def _op(q, spec: TensorQuant) -> gemm.Operand:
   """A quant.QTensor as a GEMM operand on the grid of its spec."""
-  return gemm.Operand(q.values, q.scale, spec.fmt, spec)
+  return gemm.Operand(q.values, q.scale, spec.fmt, spec, q.tensor_scale)
 
 
 def _raw(v) -> gemm.Operand:
@@ -139,10 +139,13 @@ def _fwd_core(x, w, r: Recipe, key):
   # (bf16 in a bf16 model); w itself is a parameter, live anyway.
   reuse = not r.hw_faithful
   keep_resid = comp == "sparse" or (comp == "dense" and not reuse)
+  # hw_faithful re-quantizes, in the backward, the clamped X and W, or with
+  # requant_quantized the forward's quantized X and W (rotated, if so).
+  x_src = x_deq if r.requant_quantized else xc
   res = (x_eff.astype(x.dtype) if reuse else None,
-         w_deq.astype(w.dtype) if reuse else None, w,
+         w_deq.astype(w.dtype) if reuse or r.requant_quantized else None, w,
          _dge_scale(r, qw, w32),
-         None if reuse else xc.astype(x.dtype),
+         None if reuse else x_src.astype(x.dtype),
          resid if keep_resid else None,
          kb,
          _trust_mask(xc, qx, r.x) if r.clip_mask else None,
@@ -210,7 +213,7 @@ def _bwd_core(r: Recipe, res, g):
   "dense" (Y = (Q(Xc) + R) Q(W)) and "none" (Y = Q(Xc) Q(W)) take every
   gradient through Q(W), with STE through the clamp.
   """
-  x_eff, w_deq, w, sw, xc, resid, key, mask_x, mask_w = res
+  x_eff, w_deq, w, sw, x_src, resid, key, mask_x, mask_w = res
   impl = _impl(r)
   comp = r.effective_compensation
   k_gd, k_gw, k_x, k_w = _keys(key, 4)
@@ -221,11 +224,16 @@ def _bwd_core(r: Recipe, res, g):
     # M: x along M. Their scales then lie on the free dims and factor out,
     # so these GEMMs can run on grid values (FP8 with impl "xla"). Random
     # Hadamard rotations along the contraction (rht_dgrad / rht_wgrad)
-    # cancel in the product.
-    w32 = rot(w.astype(jnp.float32), r.rht_fwd, 0)   # as the forward saw it
+    # cancel in the product. The source is the clamped X and the weight as
+    # the forward saw it (rotated), or with requant_quantized the forward's
+    # quantized X and W (Quartet's released code).
+    if r.requant_quantized:
+      w32 = w_deq.astype(jnp.float32)
+    else:
+      w32 = rot(w.astype(jnp.float32), r.rht_fwd, 0)
     w_d = _requant(rot(w32, r.rht_dgrad, 1), r.w, 1, k_w, r.w_dgrad)
-    x_w = _requant(rot(xc.astype(jnp.float32), r.rht_wgrad, 0), r.x, 0, k_x,
-                   r.x_wgrad)
+    x_w = _requant(rot(x_src.astype(jnp.float32), r.rht_wgrad, 0), r.x, 0,
+                   k_x, r.x_wgrad)
     if comp == "dense":
       x_w = _raw(x_w.dequantize() + resid)
   else:

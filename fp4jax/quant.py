@@ -30,20 +30,25 @@ class QTensor(NamedTuple):
       float32 (exact: every FP4/FP8 grid value is an f32).
     scale: the multiply-to-quantize factor sf (x * sf was rounded), float32,
       broadcastable to `values`: keepdims shape for row/column/tensor
-      scaling ([M, 1], [1, N], [1, 1]); full shape for block scaling.
+      scaling ([M, 1], [1, N], [1, 1]); full shape for block scaling. 1 for
+      a group whose decode scale rounded to zero (its values are all 0).
+    tensor_scale: NVFP4's per-tensor f32 decode scale ts, float32 [] (part
+      of `scale` already: sf = 1 / (block decode * ts)), carried so that a
+      block-scaled GEMM can apply it on its own; None for other specs.
   """
   values: jax.Array
   scale: jax.Array
+  tensor_scale: jax.Array | None = None
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     return (self.values / self.scale).astype(dtype)
 
 
-def _safe_inverse(d: jax.Array) -> jax.Array:
-  # amax == 0 or non-finite -> scale 1 [released code]; same for a decode
-  # scale that under/overflowed.
-  ok = jnp.isfinite(d) & (d > 0) & jnp.isfinite(1. / d)
-  return jnp.where(ok, 1. / jnp.where(ok, d, 1.), 1.)
+def _safe_ratio(num: float, d: jax.Array) -> jax.Array:
+  """num / d, or 1 where d is 0 or non-finite [released code: amax == 0 ->
+  scale 1] or the quotient overflows (a decode scale that underflowed)."""
+  ok = jnp.isfinite(d) & (d > 0) & jnp.isfinite(num / d)
+  return jnp.where(ok, num / jnp.where(ok, d, 1.), 1.)
 
 
 # QuEST / Quartet: the MSE-optimal clip of 4-bit FP for Gaussian data, in
@@ -51,42 +56,63 @@ def _safe_inverse(d: jax.Array) -> jax.Array:
 QUEST_CLIP = 2.92247856
 
 
+def nvfp4_tensor_scale(tensor_amax: jax.Array, q: TensorQuant) -> jax.Array:
+  """NVFP4's second level: the f32 decode scale of the whole tensor, ts =
+  amax / (max * 448), which maps the largest block decode scale to the top
+  of E4M3's range so block scales neither overflow nor flush; 1 where the
+  tensor's amax is 0 or not finite. f32 [] (or keepdims, as tensor_amax)."""
+  f = numerics.get_format(q.fmt)
+  ts = tensor_amax.astype(jnp.float32) / (f.max * 448.)
+  return jnp.where(jnp.isfinite(ts) & (ts > 0), ts, 1.)
+
+
 def scale_from_amax(amax: jax.Array, q: TensorQuant,
                     tensor_amax: jax.Array | None = None) -> jax.Array:
   """Multiply-to-quantize scale sf for groups whose statistic is `amax`
-  (f32): their absmax, or their standard deviation for scale_rule="quest"."""
+  (f32): their absmax, or their standard deviation for scale_rule="quest".
+
+  1 where the statistic is 0 or not finite [released code]. 0 for an E4M3
+  block whose decode scale rounds to zero (NVFP4: the block is far below
+  the tensor's amax): the block quantizes to 0, as Transformer Engine
+  stores it (`quantize` keeps scale 1 in the QTensor for such blocks).
+  """
   f = numerics.get_format(q.fmt)
   amax = amax.astype(jnp.float32)
   if q.scale_rule == "quest":
     amax = amax * QUEST_CLIP      # the value that maps to the format's max
   if q.scale_fmt == "e8m0":
+    # The decode scale is X = 2**E and sf = 2**-E: -floor(log2 r) =
+    # ceil(log2(1 / r)), so sf comes from the exact helper on the inverse
+    # ratio, rounded the other way. sf's exponents [-126, 127] are E in
+    # [-127, 126]: all of E8M0's but 2**127, whose sf would be an f32
+    # subnormal (only an E1M2 round-up scale of an amax above 3.5 * 2**126
+    # would need it; it gets 2**126 and saturates).
     if q.e8m0_round_up:
-      # Mishra et al.: the smallest power of two that keeps amax <= max.
-      decode = jnp.exp2(jnp.clip(jnp.ceil(jnp.log2(amax / f.max)), -127.,
-                                 127.))
+      # Mishra et al.: the smallest power of two that keeps amax <= max,
+      # E = ceil(log2(amax / max)).
+      sf = numerics.pow2_scale(f.max, amax)
     elif q.scale_rule == "quest":
-      # Quartet's kernel: 2**floor(log2(clip / max)).
-      decode = numerics.cast_scale(amax / f.max, "e8m0")
+      # Quartet's kernel: E = floor(log2(clip / max)).
+      sf = numerics.pow2_scale(f.max, amax, ceil=True)
     else:
       # OCP MX: the shared exponent puts amax in the element format's top
-      # binade, 2**(floor(log2 amax) - emax); elements above max saturate.
-      decode = numerics.cast_scale(amax / 2.**f.emax, "e8m0")
+      # binade, E = floor(log2 amax) - emax; elements above max saturate.
+      sf = numerics.pow2_scale(2.**f.emax, amax, ceil=True)
   elif q.scale_fmt == "e4m3":
-    decode = amax / f.max
-    if q.tensor_scale:
-      # NVFP4: a per-tensor f32 scale maps the largest block scale to the
-      # top of E4M3's range, so block scales neither overflow nor flush.
-      ts = tensor_amax.astype(jnp.float32) / (f.max * 448.)
-      ts = jnp.where(jnp.isfinite(ts) & (ts > 0), ts, 1.)
-      decode = numerics.cast_scale(decode / ts, "e4m3") * ts
-    else:
-      decode = numerics.cast_scale(decode, "e4m3")
+    ts = nvfp4_tensor_scale(tensor_amax, q) if q.tensor_scale else 1.
+    block = numerics.cast_scale(amax / f.max / ts, "e4m3")
+    sf = jnp.where(block == 0, 0., _safe_ratio(1., block * ts))
   else:
-    decode = amax / f.max
-  sf = _safe_inverse(decode)
+    # The paper's sf = max / amax, as one division by the statistic. Written
+    # 1 / (amax / max), XLA may turn the division by the constant into a
+    # multiplication by its rounded reciprocal in one program and not in
+    # another (jax 0.12: the Pallas interpret kernel did, plain jit did
+    # not), giving the same group scales one ulp apart.
+    sf = _safe_ratio(float(f.max), amax)
   if q.pow2:
-    # Released code: sf = 2**floor(log2(max / amax)).
-    sf = jnp.exp2(jnp.floor(jnp.log2(sf)))
+    # Released code: sf = 2**floor(log2(max / amax)), of the exact ratio.
+    sf = (numerics.pow2_scale(f.max, amax) if q.scale_fmt == "f32"
+          else jnp.where(sf == 0, 0., numerics.pow2_scale(sf)))
   if q.scale_mult != 1.0:
     sf = sf * jnp.float32(q.scale_mult)
   return sf
@@ -151,10 +177,14 @@ def quantize(x: jax.Array, q: TensorQuant, key: jax.Array | None = None,
     key: PRNG key for stochastic rounding.
     axis: overrides q.axis; by default q.axis.
   """
-  sf = compute_scale(x, q, axis)
-  values = numerics.round_to_format(x.astype(jnp.float32) * sf, q.fmt,
-                                    q.rounding, key)
-  return QTensor(values, sf)
+  x32 = x.astype(jnp.float32)
+  sf = compute_scale(x32, q, axis)
+  values = numerics.round_to_format(x32 * sf, q.fmt, q.rounding, key)
+  ts = (nvfp4_tensor_scale(jnp.max(jnp.abs(x32)), q) if q.tensor_scale
+        else None)
+  # sf = 0 (a flushed decode scale) rounded every value of its group to 0;
+  # scale 1 keeps values / scale finite.
+  return QTensor(values, jnp.where(sf == 0, 1., sf), ts)
 
 
 def _fake_quant_value(x, fmt, axis, pow2, mode, block, key):
@@ -252,8 +282,11 @@ def dge_derivative(xs: jax.Array, k: float = 5.0, cap: float = 3.0,
     left = jnp.where(inside, jnp.float32(g[j]), left)
     delta = jnp.where(inside, jnp.float32(g[j + 1] - g[j]), delta)
   u = jnp.abs(2. * (x - left) / delta - 1.)
-  # u == 0 gives inf, which the cap turns into `cap`.
-  return jnp.minimum(u ** (1. / k - 1.) / k, cap)
+  # u == 0 gives inf, which the cap turns into `cap`. The paper's 1/k is a
+  # multiplication: jitted XLA:CPU turns a division by a constant into one
+  # by its rounded reciprocal, eager jax >= 0.11 divides exactly, and the
+  # two differ in the last bit.
+  return jnp.minimum(u ** (1. / k - 1.) * (1. / k), cap)
 
 
 # ------------------------------------------------------------------- OCC

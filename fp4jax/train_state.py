@@ -143,7 +143,7 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
         loss_sum, grad_params, batch, mesh=jax.sharding.get_abstract_mesh(),
         batch_axes=comm_axes, grad_dtype=comm_dtype, args=(model_key,),
         param_specs=comm_specs)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   updates = _scale_projection_updates(updates, optim_cfg, proj_mask)
   # The key makes low-memory (2-byte) master weights round stochastically,

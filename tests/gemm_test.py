@@ -145,6 +145,21 @@ def test_scaled_matmul_predicate_on_this_machine():
   assert not gemm.can_use_scaled_matmul(a, a, _NT)      # not block-scaled
 
 
+def _host_scaled_matmul(lhs, rhs, lhs_scales, rhs_scales,
+                        preferred_element_type=jnp.float32):
+  """jax.nn.scaled_matmul's documented semantics, on the host: [B, M, K] x
+  [B, N, K] -> [B, M, N], each operand times its [B, rows, K / block]
+  decode scales repeated over their blocks, both as stored (E4M3 / E8M0)."""
+  blk = lhs.shape[-1] // lhs_scales.shape[-1]
+  a = lhs.astype(jnp.float32) * jnp.repeat(
+      lhs_scales.astype(jnp.float32), blk, axis=-1)
+  b = rhs.astype(jnp.float32) * jnp.repeat(
+      rhs_scales.astype(jnp.float32), blk, axis=-1)
+  return jnp.einsum("BMK,BNK->BMN", a, b,
+                    precision=jax.lax.Precision.HIGHEST,
+                    preferred_element_type=preferred_element_type)
+
+
 @pytest.mark.parametrize("name,vdt,sdt", [
     ("nvfp4_nvidia", jnp.float4_e2m1fn, jnp.float8_e4m3fn),
     ("mxfp4", jnp.float8_e4m3fn, jnp.float8_e8m0fnu)])
@@ -153,18 +168,11 @@ def test_block_recipes_dispatch_to_scaled_matmul_on_blackwell(
   calls = []
 
   def fake(lhs, rhs, lhs_scales, rhs_scales, preferred_element_type):
-    # jax.nn.scaled_matmul's documented semantics, on the host.
     assert (lhs.dtype, rhs.dtype) == (vdt, vdt)
     assert (lhs_scales.dtype, rhs_scales.dtype) == (sdt, sdt)
     calls.append(lhs.shape)
-    blk = lhs.shape[-1] // lhs_scales.shape[-1]
-    a = lhs.astype(jnp.float32) * jnp.repeat(
-        lhs_scales.astype(jnp.float32), blk, axis=-1)
-    b = rhs.astype(jnp.float32) * jnp.repeat(
-        rhs_scales.astype(jnp.float32), blk, axis=-1)
-    return jnp.einsum("BMK,BNK->BMN", a, b,
-                      precision=jax.lax.Precision.HIGHEST,
-                      preferred_element_type=preferred_element_type)
+    return _host_scaled_matmul(lhs, rhs, lhs_scales, rhs_scales,
+                               preferred_element_type)
 
   rng = np.random.default_rng(6)
   x = jnp.asarray(rng.standard_normal((32, 64)), jnp.float32)
@@ -177,3 +185,45 @@ def test_block_recipes_dispatch_to_scaled_matmul_on_blackwell(
                      jax.random.key(0))
   assert calls and calls[0] == (1, 32, 64)               # K-minor operands
   assert _rel(got, np.asarray(want, np.float64)) < F32_RTOL
+
+
+# The hw_faithful NVFP4 recipes: all three GEMMs are block-scaled along
+# their contraction, so all three run through scaled_matmul.
+@pytest.mark.parametrize("name", ["nvfp4_nvidia", "nvfp4"])
+def test_scaled_matmul_gradients_with_zero_blocks_and_rows(monkeypatch,
+                                                           name):
+  # Masked tokens and padding: the second half of the tokens is all zero
+  # (x rows and their gradient rows), and so is one K-block of the first
+  # half. At these magnitudes (x ~0.1, gradients ~1e-6 as in LLM training)
+  # every NVFP4 tensor's largest block decode, 448 ts, is below an all-zero
+  # block's unit scale: a tensor scale recovered as max(block decode) / 448
+  # is then too large, the other blocks' E4M3 scales flush to zero and
+  # dgrad and wgrad come out exactly 0 (the forward ~3% off).
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((32, 64)).astype(np.float32) * 0.1
+  x[16:] = 0.
+  x[:16, 16:32] = 0.
+  w = rng.standard_normal((64, 32)).astype(np.float32) * 0.05
+  g = rng.standard_normal((32, 32)).astype(np.float32) * 1e-6
+  g[16:] = 0.
+  args = [jnp.asarray(a) for a in (x, w, g)]
+
+  def run(impl):
+    r = qdot.get_recipe(name, impl=impl)
+    y, vjp = jax.vjp(lambda x, w: qdot.qmatmul(x, w, r, jax.random.key(1)),
+                     *args[:2])
+    return (y, *vjp(args[2]))
+
+  want = run("reference")
+  monkeypatch.setattr(gemm, "_device_ok", lambda: True)
+  calls = []
+  def counted(*a, **kw):
+    calls.append(a[0].shape)
+    return _host_scaled_matmul(*a, **kw)
+  monkeypatch.setattr(jax.nn, "scaled_matmul", counted)
+  got = run("xla")
+  assert len(calls) >= 3                       # forward, dgrad and wgrad
+  for a, b, what in zip(got, want, ("y", "dx", "dw")):
+    b = np.asarray(b, np.float64)
+    assert np.linalg.norm(b) > 0, what          # the oracle is not trivial
+    assert _rel(a, b) < F32_RTOL, (name, what, _rel(a, b))

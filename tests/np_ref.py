@@ -201,7 +201,9 @@ def nv_fake_quant(x, block: int = 16) -> np.ndarray:
   """NVFP4 along the last axis: E4M3 block scales under one f32 tensor scale.
 
   ts = amax_tensor / (6 * 448); block decode scale d = e4m3(amax_b / 6 / ts)
-  * ts (ml_dtypes RNE cast); elements round-half-even(x / d), saturated.
+  * ts (ml_dtypes RNE cast); elements round-half-even(x / d), saturated. A
+  block whose E4M3 scale is 0 (flushed, or an all-zero block) is all 0, as
+  Transformer Engine dequantizes it.
   """
   x = np.asarray(x, np.float64)
   ts = np.max(np.abs(x)) / (6.0 * 448.0)
@@ -210,8 +212,9 @@ def nv_fake_quant(x, block: int = 16) -> np.ndarray:
   amax = np.max(np.abs(xb), axis=-1, keepdims=True)
   d = (amax / 6.0 / ts).astype(np.float32).astype(
       ml_dtypes.float8_e4m3fn).astype(np.float64) * ts
-  d = np.where(d > 0, d, 1.0)
-  return (round_rne(xb / d, "e2m1") * d).reshape(x.shape)
+  safe = np.where(d > 0, d, 1.0)
+  return np.where(d > 0, round_rne(xb / safe, "e2m1") * d, 0.0
+                  ).reshape(x.shape)
 
 
 def dge_derivative(xs, k: float = 5.0, cap: float = 3.0,

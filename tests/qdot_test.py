@@ -357,13 +357,13 @@ def test_make_dot_general_in_nnx_linear_and_einsum():
   x, w, _ = _inputs(np_ref.FP4_PAPER)
   lin = nnx.Linear(K, N, use_bias=False, rngs=nnx.Rngs(0),
                    dot_general=qdot.make_dot_general("fp4_paper"))
-  lin.kernel.value = jnp.asarray(w)
+  lin.kernel[...] = jnp.asarray(w)
   want = qdot.qmatmul(jnp.asarray(x), jnp.asarray(w), "fp4_paper")
   np.testing.assert_array_equal(np.asarray(lin(jnp.asarray(x))),
                                 np.asarray(want))
   # Gradients flow through the layer (the custom_vjp, not a plain dot).
   g = nnx.grad(lambda m: jnp.sum(m(jnp.asarray(x)) ** 2))(lin)
-  assert np.all(np.isfinite(np.asarray(g.kernel.value)))
+  assert np.all(np.isfinite(np.asarray(g.kernel[...])))
   ein = jnp.einsum("mk,kn->mn", jnp.asarray(x), jnp.asarray(w),
                    _dot_general=qdot.make_dot_general("fp4_paper"))
   # jnp.einsum is jitted internally: a few ulps from fusion (JIT_RTOL).

@@ -373,3 +373,26 @@ def test_occ_on_gpu_uses_unstable_top_k_only_where_jax_has_it(monkeypatch):
   want = np.sort(np.asarray(x), axis=1)
   np.testing.assert_array_equal(np.asarray(got[0]).max(1),
                                 want[:, int(0.99 * 512)])
+
+
+def test_nvfp4_block_whose_e4m3_scale_flushes_dequantizes_to_zero():
+  # Row 0 holds the tensor's amax 1e6, so ts = 1e6 / (6 * 448). Row 1's
+  # first block needs decode 1 / 6 / ts ~ 4.5e-4 in E4M3, below half its
+  # smallest subnormal (2**-10): the scale is 0 and Transformer Engine
+  # dequantizes the block to 0. Its second block (amax 6) keeps the
+  # subnormal scale 2**-9 and must survive.
+  x = np.zeros((2, 32), np.float32)
+  x[0] = np.linspace(-1e6, 1e6, 32)
+  x[1, :16] = np.linspace(0.5, 1.0, 16)
+  x[1, 16:] = np.linspace(-6.0, 3.0, 16)
+  q = qconfig.TensorQuant(fmt="e2m1", axis=-1, block=16, scale_fmt="e4m3",
+                          rounding="rne", tensor_scale=True)
+  qt = quant.quantize(jnp.asarray(x), q)
+  got = np.asarray(qt.dequantize(), np.float64)
+  want = np_ref.nv_fake_quant(x, 16)
+  assert np.all(want[1, :16] == 0) and np.any(want[1, 16:] != 0)  # oracle
+  np.testing.assert_allclose(got, want, rtol=BLOCK_RTOL, atol=0)
+  assert np.all(np.isfinite(np.asarray(qt.scale)))
+  # The tensor scale the block scales were made with travels along.
+  np.testing.assert_allclose(float(qt.tensor_scale), 1e6 / (6 * 448),
+                             rtol=BLOCK_RTOL)
