@@ -3,14 +3,19 @@
 Owns: the orbax CheckpointManager under `<workdir>/checkpoints` (async saves,
 keep-N, one save interval), the run description `<workdir>/config.json` and
 the check that a restart targets the same model, and the stop-signal flag
-that lets the train loop save and exit cleanly (`stop_flag`: SIGTERM and
-SIGINT).
+that lets the train loop save and exit cleanly (`stop_flag`: SIGTERM,
+SIGINT and SIGHUP).
 
 Resume order: the latest readable checkpoint in the workdir, else a fresh
-init. A checkpoint that fails to restore (a truncated or missing file) is
-reported with its step and file, moved aside to
-`<workdir>/checkpoints.broken/` (kept for inspection, never deleted) and the
-next older one is tried. A checkpoint holds two items: "state" (the
+init. A step folder counts only when it is a complete checkpoint: orbax's
+commit marker (`commit_success.txt`) and every required file present, never
+by its name alone (`complete_steps`, used by the "already finished" check,
+evaluation and export). A checkpoint that is incomplete or fails to restore
+(a truncated or missing file) is reported with its step and file, moved
+aside to `<workdir>/checkpoints.broken/` (kept for inspection, never
+deleted) and the next older one is tried. A read-only restore
+(`restore_state`) tells a step deleted while it was read (a live run's
+rotation) from a damaged one. A checkpoint holds two items: "state" (the
 TrainState pytree, restored into an abstract target that carries the
 shardings, so arrays land already sharded) and "data" (the input iterator's JSON state). Saves are atomic
 (orbax writes to a tmp dir and renames), so a kill mid-save leaves the
@@ -24,9 +29,11 @@ Must not import: ml_collections, tensorflow_datasets, grain, or fp4jax.train
 
 import contextlib
 import json
+import logging as logging_std
 import os
 import re
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -40,35 +47,80 @@ from jax.experimental import multihost_utils
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 BROKEN_DIR = "checkpoints.broken"
+# orbax's commit marker: written into a step directory as the last act of a
+# save (before the rename into place, on local disks), so a step directory
+# without it is a save that never finished, or a folder orbax did not write.
+COMMIT_MARKER = "commit_success.txt"
+# orbax also stamps the commit time into the step metadata when it commits.
+_STEP_METADATA = "_CHECKPOINT_METADATA"
 # Files every complete step directory has (orbax layout, one process).
-_REQUIRED = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt",
+_REQUIRED = (_STEP_METADATA, "state/_METADATA", "state/manifest.ocdbt",
              "data/metadata")
+
+
+def _committed(step_dir: str) -> bool:
+  """Whether orbax committed the save in `step_dir` (its marker or stamp)."""
+  if os.path.isfile(os.path.join(step_dir, COMMIT_MARKER)):
+    return True
+  try:
+    with open(os.path.join(step_dir, _STEP_METADATA)) as f:
+      return bool(json.load(f).get("commit_timestamp_nsecs"))
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def incomplete_reason(step_dir: str) -> str | None:
+  """Why the step directory is not a complete checkpoint, else None.
+
+  Complete: orbax committed it and none of its required files is missing.
+  Reads the directory only (cheap, no array is opened); a damaged array
+  file is found only by reading it (`UnreadableCheckpoint`).
+  """
+  if not os.path.isdir(step_dir):
+    return "it is not a directory"
+  if not _committed(step_dir):
+    return (f"it was never committed (no {COMMIT_MARKER}: a save that did "
+            f"not finish, or a folder the checkpointer did not write)")
+  for rel in _REQUIRED:
+    if not os.path.exists(os.path.join(step_dir, rel)):
+      return f"{rel} is missing"
+  return None
+
+
+def step_dirs(workdir: str) -> list[int]:
+  """Steps of every all-digit folder under `<workdir>/checkpoints`,
+  complete or not, ascending (what orbax would take for checkpoints)."""
+  root = os.path.join(workdir, CHECKPOINT_DIR)
+  try:
+    names = os.listdir(root)
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+  return sorted(int(n) for n in names
+                if n.isdigit() and os.path.isdir(os.path.join(root, n)))
 
 
 def complete_steps(workdir: str) -> list[int]:
   """Steps of the complete checkpoints under `workdir`, ascending.
 
-  Reads the directory only (no orbax manager is created, nothing written):
-  orbax renames a step directory into place when it is complete, so only
-  all-digit names count.
+  Reads the directory only (no orbax manager is created, nothing written).
+  A folder counts by its content, never by its name alone: an empty,
+  uncommitted or damaged step folder is left out (`incomplete_reason`).
   """
   root = os.path.join(workdir, CHECKPOINT_DIR)
-  if not os.path.isdir(root):
-    return []
-  return sorted(int(n) for n in os.listdir(root)
-                if n.isdigit() and os.path.isdir(os.path.join(root, n)))
+  return [s for s in step_dirs(workdir)
+          if incomplete_reason(os.path.join(root, str(s))) is None]
 
 
 def unreadable_reason(step_dir: str, error: BaseException | None = None
                       ) -> str | None:
   """Why the checkpoint in `step_dir` cannot be read, naming the file.
 
-  None when its files are all present and `error` names none of them (the
+  None when it is complete and `error` names none of its files (the
   failure is then a mismatch with the model, not damage).
   """
-  for rel in _REQUIRED:
-    if not os.path.exists(os.path.join(step_dir, rel)):
-      return f"{rel} is missing"
+  reason = incomplete_reason(step_dir)
+  if reason is not None:
+    return reason
   text = str(error or "")
   root = re.escape(step_dir.rstrip("/") + "/")
   for m in re.finditer(root + r"([^\s\"']+)", text):
@@ -79,6 +131,75 @@ def unreadable_reason(step_dir: str, error: BaseException | None = None
   if isinstance(error, (FileNotFoundError, json.JSONDecodeError)):
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
   return None
+
+
+def _files(step_dir: str) -> set[str]:
+  """Relative paths of the files under `step_dir` (empty if it is gone)."""
+  out = set()
+  for root, _, names in os.walk(step_dir):
+    out.update(os.path.relpath(os.path.join(root, n), step_dir)
+               for n in names)
+  return out
+
+
+def _is_orphaned_read(exc: BaseException | None, tb) -> bool:
+  """An "Event loop is closed" raised in asyncio's call_soon_threadsafe."""
+  if not (isinstance(exc, RuntimeError) and
+          str(exc) == "Event loop is closed"):
+    return False
+  while tb is not None:
+    if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+      return True
+    tb = tb.tb_next
+  return False
+
+
+class _UnretrievedReadErrors(logging_std.Filter):
+  """Drops asyncio's "exception was never retrieved" about tensorstore
+  reads: the other reads of a failed restore, which fail too (the same
+  damage) after orbax stopped listening, and are garbage collected later,
+  e.g. in the middle of a resumed run's training."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    if not str(record.msg).startswith(("Future exception was never retrieved",
+                                       "Task exception was never retrieved")):
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and "tensorstore" in str(exc))
+
+
+_UNRETRIEVED_FILTER = _UnretrievedReadErrors()
+
+
+def quiet_orphaned_reads() -> None:
+  """Drops the noise of the reads a failed restore leaves running.
+
+  When one read of a restore fails, orbax's event loop ends and closes
+  while tensorstore still completes the other reads; each completion's
+  callback then finds the loop closed and Python prints that
+  "RuntimeError: Event loop is closed" through sys.unraisablehook (tens to
+  hundreds of tracebacks, before and after the program's own error line).
+  The reads' results are unwanted anyway, so exactly those are dropped, and
+  asyncio's later "exception was never retrieved" about them
+  (`_UnretrievedReadErrors`); every other unraisable error still goes to
+  the hook that was there and every other asyncio record is logged.
+  Called before each restore, since the callbacks may fire before the
+  failure reaches our code, and since a harness (pytest) may have swapped
+  the hook in the meantime.
+  """
+  current = sys.unraisablehook
+  if not getattr(current, "drops_orphaned_reads", False):
+
+    def hook(unraisable):
+      if not _is_orphaned_read(unraisable.exc_value,
+                               unraisable.exc_traceback):
+        current(unraisable)
+
+    hook.drops_orphaned_reads = True
+    sys.unraisablehook = hook
+  asyncio_logger = logging_std.getLogger("asyncio")
+  if _UNRETRIEVED_FILTER not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_UNRETRIEVED_FILTER)
 
 
 def _gather_json(obj: Any) -> list[Any]:
@@ -94,10 +215,15 @@ def _gather_json(obj: Any) -> list[Any]:
 
 
 def _raise_restore_error(step: int, step_dir: str, error: Exception,
-                         mismatch_text: str, mismatch: tuple[type, ...]):
-  """Re-raises a failed restore of `step_dir`: UnreadableCheckpoint when a
-  file is damaged, a one-line ValueError "checkpoint step S <mismatch_text>:
-  <first line>" for the `mismatch` kinds, else the error itself."""
+                         mismatch_text: str, mismatch: tuple[type, ...],
+                         files_before: set[str] | None = None):
+  """Re-raises a failed restore of `step_dir`: CheckpointRemoved when files
+  it had before the read (`files_before`) are gone, UnreadableCheckpoint
+  when a file is damaged, a one-line ValueError "checkpoint step S
+  <mismatch_text>: <first line>" for the `mismatch` kinds, else the error
+  itself."""
+  if files_before is not None and not files_before <= _files(step_dir):
+    raise CheckpointRemoved(step) from error
   reason = unreadable_reason(step_dir, error)
   if reason is not None:
     raise UnreadableCheckpoint(step, reason) from error
@@ -115,6 +241,20 @@ class UnreadableCheckpoint(ValueError):
   def __init__(self, step: int, reason: str):
     super().__init__(f"checkpoint step {step} is unreadable: {reason}")
     self.step, self.reason = step, reason
+
+
+class CheckpointRemoved(ValueError):
+  """A checkpoint that was deleted while it was being read.
+
+  The usual cause is a run still training in the workdir: its
+  keep_checkpoints rotation deletes the oldest step after each save.
+  """
+
+  def __init__(self, step: int):
+    super().__init__(f"checkpoint step {step} was deleted while it was being "
+                     f"read (by a run still using the workdir? its "
+                     f"keep_checkpoints rotation removes old steps)")
+    self.step = step
 
 
 class Checkpointer:
@@ -200,6 +340,7 @@ class Checkpointer:
       raise ValueError(f"no checkpoint in {self.directory}")
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               data=ocp.args.JsonRestore())
+    quiet_orphaned_reads()
     try:
       out = self._manager.restore(step, args=args)
     except Exception as e:  # orbax / tensorstore raise many kinds
@@ -215,30 +356,48 @@ class Checkpointer:
                        f"split differently")
     return out.state, dict(states[jax.process_index()])
 
-  def restore_latest(self, abstract_state: Any
+  def restore_latest(self, abstract_state: Any, *,
+                     defer_set_aside: bool = False
                      ) -> tuple[int, Any, dict[str, Any]] | None:
     """(step, state, data_state) of the newest readable checkpoint, or None.
 
-    An unreadable checkpoint is logged as an error naming its step and
-    file, moved to `<workdir>/checkpoints.broken/<step>` (so the run's next
-    save at that step is not skipped, and the files stay for inspection),
-    and the next older one is tried.
+    A step folder counts by its content, not its name: one that is not a
+    complete checkpoint (empty, never committed, a required file missing)
+    or fails to read is logged as an error naming its step and file, moved
+    to `<workdir>/checkpoints.broken/<step>` (so the run's next save at
+    that step is not skipped, and the files stay for inspection), and the
+    next older one is tried. Incomplete folders older than the one resumed
+    from are moved there too, so the keep-N rotation never deletes them.
+    With `defer_set_aside` nothing is moved until `set_aside_deferred()`
+    (a start that may still fail restores before it writes anything).
 
     Raises:
       ValueError: checkpoints exist but none is readable (naming each), or
         the newest readable one does not match the model.
     """
+    folders = sorted(self._manager.all_steps(), reverse=True)
+    incomplete = {s: incomplete_reason(os.path.join(self.directory, str(s)))
+                  for s in folders}
     broken = []
-    for step in sorted(self.all_steps(), reverse=True):
+    for step in folders:
       try:
+        if incomplete[step] is not None:
+          raise UnreadableCheckpoint(step, incomplete[step])
         state, data_state = self.restore(abstract_state, step)
       except UnreadableCheckpoint as e:
         broken.append(e)
         logging.error("checkpoint step %d is unreadable: %s; trying an older "
                       "one", step, e.reason)
         continue
+      older = [s for s in folders if s < step and incomplete[s] is not None]
+      for s in older:
+        logging.error("checkpoint step %d is not a complete checkpoint: %s; "
+                      "moved to %s", s, incomplete[s], self._broken_dir())
+      if broken or older:
+        self._deferred = [e.step for e in broken] + older
+        if not defer_set_aside:
+          self.set_aside_deferred()
       if broken:
-        self._set_aside([e.step for e in broken])
         logging.error("RESUMED FROM AN OLDER CHECKPOINT: step %d (newer %s "
                       "unreadable, kept in %s)", step,
                       ", ".join(f"step {e.step}" for e in broken),
@@ -250,6 +409,12 @@ class Checkpointer:
                        + "; use a new --workdir or move them away to start "
                        "fresh")
     return None
+
+  def set_aside_deferred(self) -> None:
+    """Moves the folders a `restore_latest(defer_set_aside=True)` skipped."""
+    steps, self._deferred = getattr(self, "_deferred", []), []
+    if steps:
+      self._set_aside(steps)
 
   def _broken_dir(self) -> str:
     return os.path.join(os.path.dirname(self.directory), BROKEN_DIR)
@@ -281,20 +446,42 @@ class Checkpointer:
 def restore_state(workdir: str, step: int, abstract_state: Any) -> Any:
   """The TrainState of one complete step, read-only (evaluation, export).
 
+  `step` is one `complete_steps` listed: if its folder is gone, it was
+  deleted since.
+
   Unlike `Checkpointer`, creates no manager: nothing under the workdir is
   cleaned up or written, so a live run's saves in progress are safe.
 
   Raises:
-    UnreadableCheckpoint: the step's files are damaged (naming the file).
+    UnreadableCheckpoint: the step is not a complete checkpoint, or its
+      files are damaged (naming the file).
+    CheckpointRemoved: the step was deleted while being read.
     ValueError: the checkpoint does not match `abstract_state`.
   """
   step_dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step))
+  # What the folder held before the read: a file gone after a failed read
+  # means it was deleted meanwhile (a live run's rotation), not damaged.
+  before = _files(step_dir)
+  quiet_orphaned_reads()
   try:
+    if not before and not os.path.isdir(step_dir):
+      # Listed complete by the caller a moment ago, gone now.
+      raise CheckpointRemoved(step)
+    reason = incomplete_reason(step_dir)
+    if reason is not None:
+      raise UnreadableCheckpoint(step, reason)
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(os.path.join(step_dir, "state"), abstract_state)
+  except UnreadableCheckpoint:
+    if not before <= _files(step_dir):
+      raise CheckpointRemoved(step) from None
+    raise
+  except CheckpointRemoved:
+    raise
   except Exception as e:  # orbax / tensorstore raise many kinds
     _raise_restore_error(step, step_dir, e, f"in {step_dir} does not match "
-                         f"the run's config.json", mismatch=(Exception,))
+                         f"the run's config.json", mismatch=(Exception,),
+                         files_before=before)
 
 
 def _diff(saved: dict[str, Any], current: dict[str, Any], prefix: str
@@ -370,9 +557,14 @@ def write_run_info(workdir: str, info: dict[str, Any]) -> None:
     return
   os.makedirs(workdir, exist_ok=True)
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(info, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(info, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  except OSError:   # a full disk: no partial file stays behind
+    if os.path.lexists(tmp):
+      os.remove(tmp)
+    raise
 
 
 class StopFlag(threading.Event):
@@ -382,13 +574,16 @@ class StopFlag(threading.Event):
 
 
 # The signals a run stops on, saving first: SIGTERM (schedulers' preemption
-# notice) and SIGINT (Ctrl-C).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# notice), SIGINT (Ctrl-C) and SIGHUP (its terminal or ssh session closed,
+# whose default would kill the run unsaved). A SIGHUP already ignored when
+# the block starts (`nohup`) stays ignored: the user asked to survive it.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @contextlib.contextmanager
 def stop_flag() -> Iterator[StopFlag]:
-  """Within the block, SIGTERM / SIGINT set the yielded flag instead of killing.
+  """Within the block, SIGTERM / SIGINT / SIGHUP set the yielded flag
+  instead of killing.
 
   The train loop polls the flag, saves a checkpoint and stops. A second
   SIGINT while the flag is set aborts at once (KeyboardInterrupt: Ctrl-C
@@ -412,7 +607,9 @@ def stop_flag() -> Iterator[StopFlag]:
     flag.signum = flag.signum or signum
     flag.set()
 
-  previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+  previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS
+              if not (s == signal.SIGHUP and
+                      signal.getsignal(s) == signal.SIG_IGN)}
   try:
     yield flag
   finally:

@@ -162,17 +162,20 @@ def test_the_cli_scores_tasks_and_perplexity_and_writes_the_results(run_dir,
                       "--limit=2", module="fp4jax.evaluate")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "| piqa | acc |" in r.stdout and "| ppl | bits_per_byte |" in r.stdout
-  saved = json.loads((run_dir / "eval" / "step_6.json").read_text())
+  saved = {r["task"]: r for r in json.loads(
+      (run_dir / "eval" / "step_6.json").read_text())["results"]}
   for name, task in tasks.TASKS.items():   # a handful of items of each
-    got = saved["train"][name]
+    record = saved[name]
+    got = record["metrics"]
     metric = "acc"
-    assert got[metric]["n"] == 2 and got["limit"] == 2, name
-    assert 0.0 <= got[metric]["value"] <= 1.0 and got["seconds"] >= 0
+    assert got[metric]["n"] == 2 and record["limit"] == 2, name
+    assert 0.0 <= got[metric]["value"] <= 1.0 and record["seconds"] >= 0
+    assert record["precision"] == "train" and record["step"] == 6
     if task.kind == "lambada":
       assert got["perplexity"]["value"] > 1.0
     else:
       assert "acc_norm" in got
-  ppl = saved["train"]["ppl"]["token_perplexity"]["value"]
+  ppl = saved["ppl"]["metrics"]["token_perplexity"]["value"]
   assert 1.0 < ppl < 300 * 2     # a 6-step model: near the vocabulary size
 
 

@@ -123,7 +123,8 @@ def test_the_stock_harness_on_the_local_tasks_equals_fp4jax_evaluate(
                         f"--batch_size={BATCH}"]) == 0
   step = max(int(f[5:-5]) for f in os.listdir(os.path.join(workdir, "eval")))
   with open(os.path.join(workdir, "eval", f"step_{step}.json")) as f:
-    ours = json.load(f)["f32"]
+    ours = {r["task"]: r["metrics"] for r in json.load(f)["results"]
+            if r["precision"] == "f32"}
   for name in names:
     h = got[harness_tasks.task_name(name)]
     n = len(tasks.load(name, str(TASK_DIR)))

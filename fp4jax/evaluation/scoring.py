@@ -151,11 +151,12 @@ def rolling_requests(tokens: Sequence[int], max_len: int) -> list[Request]:
   return out
 
 
-def _stderr(values: Sequence[float]) -> float:
-  """Standard error of the mean (sample std / sqrt n), as lm-eval reports."""
+def _stderr(values: Sequence[float]) -> float | None:
+  """Standard error of the mean (sample std / sqrt n), as lm-eval reports;
+  None for fewer than 2 values (undefined: no NaN goes into a record)."""
   n = len(values)
   if n < 2:
-    return float("nan")
+    return None
   return float(np.std(np.asarray(values, np.float64), ddof=1) / math.sqrt(n))
 
 

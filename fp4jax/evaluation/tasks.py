@@ -54,6 +54,7 @@ Must not import: jax, or any other fp4jax module (pure Python).
 """
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -141,20 +142,38 @@ def _item(context: str, choices: list[str], gold: int) -> Item:
   return Item(context, tuple(DELIMITER + c for c in choices), gold)
 
 
+def read_text(path: str) -> str:
+  """The UTF-8 text of `path`, newlines as text-mode `open` gives them.
+
+  Raises:
+    ValueError: one line naming the file when it is not UTF-8.
+  """
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = raw.count(b"\n", 0, e.start) + 1
+    raise ValueError(f"{path}:{line}: not UTF-8 text (byte "
+                     f"0x{raw[e.start]:02x} at offset {e.start}: {e.reason})"
+                     ) from None
+  return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
   """(line number, object) of each non-blank line of a JSONL file."""
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise _malformed(path, lineno,
-                         f"not JSON ({e.msg}, column {e.colno})") from None
-      if not isinstance(record, dict):
-        raise _malformed(path, lineno, "not a JSON object")
-      yield lineno, record
+  # One decode of the whole file, so a bad byte is named with its file.
+  for lineno, line in enumerate(io.StringIO(read_text(path)), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise _malformed(path, lineno,
+                       f"not JSON ({e.msg}, column {e.colno})") from None
+    if not isinstance(record, dict):
+      raise _malformed(path, lineno, "not a JSON object")
+    yield lineno, record
 
 
 def _jsonl_reader(task: str, file: str,
@@ -185,8 +204,8 @@ def _read_piqa(data_dir: str) -> list[Item]:
   """PIQA validation: records and their line-aligned labels (0/1)."""
   path, labels_path = (_path("piqa", data_dir, f) for f in PIQA_FILES)
   records = list(_jsonl(path))
-  with open(labels_path, encoding="utf-8") as f:
-    labels = [(n, l.strip()) for n, l in enumerate(f, 1) if l.strip()]
+  labels = [(n, l.strip()) for n, l in
+            enumerate(io.StringIO(read_text(labels_path)), 1) if l.strip()]
   if len(labels) != len(records):
     # Name the first line that has no partner in the other file.
     if len(labels) < len(records):
@@ -317,8 +336,7 @@ def logiqa_option(line: str) -> str:
 
 def _logiqa_blocks(path: str) -> Iterator[tuple[int, list[str]]]:
   """(first line number, lines) of each run of non-blank lines."""
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().split("\n")
+  lines = read_text(path).split("\n")
   start, block = 0, []
   for lineno, line in enumerate(lines + [""], 1):
     line = line.rstrip("\r")
@@ -434,7 +452,8 @@ def load(name: str, data_dir: str, limit: int | None = None) -> list[Item]:
     ValueError: (one line each) unknown task name, listing the known ones;
       a missing file, naming the task and the path (and that --data_dir
       should point at a folder holding it); a malformed record, naming the
-      file and line number; a negative limit.
+      file and line number; a file that is not UTF-8; a task without
+      items; a negative limit.
   """
   if name not in TASKS:
     raise ValueError(f"unknown task {name!r}; known tasks: "
@@ -447,4 +466,7 @@ def load(name: str, data_dir: str, limit: int | None = None) -> list[Item]:
   for file in task.files:
     _path(name, data_dir, file)
   items = task.reader(data_dir)
+  if not items:   # scored, an empty task would be a NaN, not an error
+    raise ValueError(f"task {name!r}: no items in " + ", ".join(
+        os.path.join(data_dir, f) for f in task.files))
   return items if limit is None else items[:limit]
