@@ -6,25 +6,35 @@ r"""Trains a LLaMA model with FP4 (or other) quantized projections.
 
 Every config key, with its default and a comment, is in configs/default.py;
 configs/*.py are small deltas over it. A run resumes from its --workdir
-(config.json, checkpoints/, metrics.jsonl, tb/); rerunning the same command
-continues an interrupted run and does nothing for a finished one.
+(config.json, starts.jsonl, checkpoints/, metrics.jsonl, tb/); rerunning
+the same command continues an interrupted run and does nothing for a
+finished one.
 
 Exit codes (one `error:` or `stopped by` line on stderr for every code but 0;
 --traceback for the full stack):
   0    finished (or was already finished)
-  1    bad input: config, data, workdir or checkpoint; nothing was written
+  1    bad input: config, data, workdir or checkpoint; nothing was written.
+       Also a full disk: the path, the space needed and free are named and
+       no partial file is left
   3    stopped at a non-finite loss / gradient (skip_nonfinite=False)
   4    finished, but skipped more steps than max_skipped_fraction
   75   the workdir is in use by another run (its pid and host are named)
+  129  SIGHUP (terminal or ssh session closed): a checkpoint was saved,
+       rerun to resume (under `nohup` the run ignores it and goes on)
   130  Ctrl-C: a checkpoint was saved, rerun to resume (twice: abort at once)
   143  SIGTERM (preemption): a checkpoint was saved, rerun to resume
 """
 
 import importlib.util
+import json
 import logging as std_logging
 import os
 import signal
 import sys
+import time
+
+# jax-free: the preflight below reports with it before jax is imported.
+from fp4jax import errtext
 
 # Exit codes (see the module docstring).
 EXIT_ERROR = 1
@@ -82,19 +92,31 @@ def _preflight(argv: list[str]) -> None:
              f"{e.msg}")
   except Exception as e:  # an import error inside the config file
     sys.exit(f"error: --config {path} fails to load: {type(e).__name__}: "
-             f"{_first_line(e)}")
+             f"{errtext.one_line(e)}")
   if not hasattr(module, "get_config"):
     sys.exit(f"error: --config {path} has no get_config()")
   try:
     module.get_config(*([arg] if arg else []))
   except Exception as e:  # unknown :arg, bad :arg value
     sys.exit(f"error: --config={spec}: {type(e).__name__}: "
-             f"{_first_line(e)}")
+             f"{errtext.one_line(e)}")
 
 
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else repr(e)
+
+
+def _say(text: str, signum: int | None = None) -> None:
+  """One line on stderr, even when the terminal is gone (after SIGHUP a
+  write to it fails: the exit code must still be the documented one)."""
+  try:
+    print(text, file=sys.stderr, flush=True)
+  except OSError:
+    pass
+  if signum == signal.SIGHUP:
+    # Python flushes stdout / stderr at exit and turns a failure into
+    # exit code 120: point them somewhere that cannot fail.
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
 
 
 if __name__ == "__main__":
@@ -105,8 +127,10 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
+from fp4jax import checkpoint  # pylint: disable=g-import-not-at-top
 from fp4jax import distributed  # pylint: disable=g-import-not-at-top
 from fp4jax import llama  # pylint: disable=g-import-not-at-top
+from fp4jax import metrics  # pylint: disable=g-import-not-at-top
 from fp4jax import rundir  # pylint: disable=g-import-not-at-top
 from fp4jax import train  # pylint: disable=g-import-not-at-top
 
@@ -137,7 +161,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except (KeyError, AttributeError) as e:  # config_flags on an unknown key
     sys.exit(f"error: {_unknown_key(argv) or e}")
   except (ValueError, TypeError, flags.Error) as e:   # a malformed value
-    sys.exit(f"error: {_first_line(e)}")
+    sys.exit(f"error: {errtext.one_line(e)}")
 
 
 def resolve_prng_impl(name: str) -> str:
@@ -149,7 +173,37 @@ def resolve_prng_impl(name: str) -> str:
   return "rbg" if jax.default_backend() == "gpu" else "threefry2x32"
 
 
+def summary_line(config, workdir: str, step: int, seconds: float) -> str:
+  """A finished run in one line: the last line of its log, what a
+  researcher reads first (final losses, tokens, time, the checkpoint)."""
+  last = {}
+  try:
+    with open(os.path.join(workdir, metrics.METRICS_FILE)) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except ValueError:   # a line torn by a kill
+          continue
+        last.update({k: record[k] for k in ("loss", "val_loss")
+                     if k in record})
+  except OSError:
+    pass
+  tokens = step * config.data.global_batch * config.data.seq_len
+  parts = [f"finished: step {step}/{config.num_steps}"]
+  if "loss" in last:
+    parts.append(f"loss {last['loss']:.4f}")
+  if "val_loss" in last:
+    parts.append(f"val {last['val_loss']:.4f}")
+  minutes, secs = divmod(int(round(seconds)), 60)
+  ckpt = os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step))
+  parts += [f"{tokens / 1e6:.2f}M tokens" if tokens >= 1e5 else
+            f"{tokens} tokens", f"{minutes}m{secs:02d}s this start",
+            f"checkpoint {ckpt}"]
+  return " | ".join(parts)
+
+
 def _run(config, workdir: str) -> int:
+  start = time.monotonic()
   distributed.initialize(config.distributed)   # before any device is used
   if jax.process_index() > 0:
     # One console: other processes speak only at WARNING and above.
@@ -173,7 +227,10 @@ def _run(config, workdir: str) -> int:
           f"{config.num_steps}", file=sys.stderr)
   if done is not None:
     return 0
-  train.train_and_evaluate(config, workdir)
+  state = train.train_and_evaluate(config, workdir)
+  if jax.process_index() == 0:
+    _say(summary_line(config, workdir, int(jax.device_get(state.step)),
+                      time.monotonic() - start))
   return 0
 
 
@@ -191,8 +248,8 @@ def main(_) -> None:
   except KeyboardInterrupt:   # Ctrl-C twice, or before the loop's handler
     if _TRACEBACK.value:
       raise
-    print("aborted: interrupted (Ctrl-C); nothing saved since the last "
-          "checkpoint", file=sys.stderr)
+    _say("aborted: interrupted (Ctrl-C); nothing saved since the last "
+         "checkpoint")
     sys.exit(128 + signal.SIGINT)
   except tuple(t for t, _ in codes) as e:
     if _TRACEBACK.value:
@@ -201,9 +258,9 @@ def main(_) -> None:
       if isinstance(e, kind):
         break
     if isinstance(e, train.Stopped):
-      print(str(e), file=sys.stderr)
+      _say(str(e), e.signum)
       sys.exit(128 + e.signum)
-    print(f"error: {_first_line(e)}", file=sys.stderr)
+    _say(f"error: {errtext.one_line(e)}")
     sys.exit(code)
 
 

@@ -198,13 +198,12 @@ def _encode(x32: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
     return x32.astype(dtype), jnp.ones([], _F32)
   fmax = _SCALED_MAX[dtype]
   amax = jnp.max(jnp.abs(x32))
-  # All-zero or non-finite tensors keep scale 1, so NaN/Inf propagate.
-  ok = jnp.isfinite(amax) & (amax > 0)
-  e = jnp.floor(np.log2(fmax) - jnp.log2(jnp.where(ok, amax, 1.0)))
-  e = jnp.clip(e, -_MAX_SCALE_EXP, _MAX_SCALE_EXP).astype(jnp.int32)
-  # ldexp is exact; XLA's exp2 is not (2**30 came out 1 ulp low).
-  scale = jnp.where(ok, jnp.ldexp(jnp.float32(1), e), 1.0).astype(_F32)
-  # The clip only guards log2 rounding at a power-of-two boundary.
+  # All-zero or non-finite tensors keep scale 1, so NaN/Inf propagate. The
+  # exponent is that of the exact ratio fmax / amax (frexp, no log2, which
+  # rounds up one ulp below a power of two), the power exact (ldexp).
+  scale = numerics.pow2_scale(fmax, amax, min_exp=-int(_MAX_SCALE_EXP),
+                              max_exp=int(_MAX_SCALE_EXP))
+  # |x| * scale <= fmax exactly; the clip is a guard for the cast.
   stored = jnp.clip(x32 * scale, -fmax, fmax).astype(dtype)
   return stored, scale
 
@@ -222,6 +221,42 @@ class AdamMPState(NamedTuple):
   nu: optax.Updates         # second moment * nu_scale, in nu_dtype
   mu_scale: optax.Updates   # f32 [] per leaf: power of two, 1 if unscaled
   nu_scale: optax.Updates   # f32 [] per leaf
+
+
+def reencode_moments(state: AdamMPState, mu_dtype: Any, nu_dtype: Any
+                     ) -> AdamMPState:
+  """`state` with m and v stored in other dtypes (optim.moments changed).
+
+  Each moment is decoded with its own stored scale and encoded again as
+  `scale_by_adam_mp` stores it (a fresh per-tensor scale for FP8 / FP16),
+  so the values change only by the new format's rounding; casting the
+  stored values without their scales would flush most of an FP8 m to
+  zero. `count` is kept.
+
+  Args:
+    state: an AdamMPState in any storage.
+    mu_dtype, nu_dtype: the new storage dtypes (see `scale_by_adam_mp`).
+
+  Returns:
+    An AdamMPState of the same structure; mu/nu in the new dtypes, the
+    scales f32 [].
+  """
+  mu_dtype = _check_storage("mu_dtype", mu_dtype)
+  nu_dtype = _check_storage("nu_dtype", nu_dtype)
+
+  def one(stored, scale, dtype):
+    return _encode(_decode(stored, scale), dtype)
+
+  def convert(stored_tree, scale_tree, dtype):
+    leaves, treedef = jax.tree.flatten(stored_tree)
+    outs = [one(q, s, dtype) for q, s in
+            zip(leaves, treedef.flatten_up_to(scale_tree))]
+    return (jax.tree.unflatten(treedef, [o[0] for o in outs]),
+            jax.tree.unflatten(treedef, [o[1] for o in outs]))
+
+  mu, mu_scale = convert(state.mu, state.mu_scale, mu_dtype)
+  nu, nu_scale = convert(state.nu, state.nu_scale, nu_dtype)
+  return AdamMPState(state.count, mu, nu, mu_scale, nu_scale)
 
 
 def _check_storage(name: str, dtype: Any) -> jnp.dtype:

@@ -12,9 +12,11 @@ A start claims its workdir in three phases:
   3. `Claim.commit()` once every check has passed (the train loop writes
      config.json, checkpoints and metrics from then on).
 If the block raises before `commit()`, the files this start created are
-removed again (those that existed before it are never touched), so a failed
-start leaves the workdir as it found it and the next start trusts nothing
-it did not verify.
+removed again, inside an artefact directory that existed too (a second
+corpus prepared under an existing `tfds/`), and the lock file gets back
+the content and times it had: a failed start leaves the workdir
+byte-identical, and the next start trusts nothing it did not verify. Files
+that existed before the start are never touched.
 
 The lock is an `fcntl.flock` on `<workdir>/.lock`: the kernel drops it when
 the holder dies, so a lock of a killed run is never stale. The file holds
@@ -101,6 +103,10 @@ class Claim:
     self._committed = False
     self._created_dir = False
     self._existing: set[str] = set()
+    # Paths inside existing artefact directories, and the old lock file's
+    # bytes and times, to put back after a failed start.
+    self._inside: dict[str, set[str]] = {}
+    self._old_lock: tuple[bytes, int, int] | None = None
 
   def __enter__(self) -> "Claim":
     if not self.primary:
@@ -120,6 +126,13 @@ class Claim:
       raise WorkdirBusy(f"workdir {self.workdir} is in use by {who}; wait "
                         f"for that run to end or use another --workdir"
                         ) from None
+    if LOCK_FILE in self._existing:
+      st = os.fstat(fd)
+      self._old_lock = (os.pread(fd, st.st_size, 0), st.st_atime_ns,
+                        st.st_mtime_ns)
+    self._inside = {a: _tree(os.path.join(self.workdir, a))
+                    for a in self._existing - {LOCK_FILE}
+                    if os.path.isdir(os.path.join(self.workdir, a))}
     since = datetime.datetime.now().isoformat(timespec="seconds")
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} since "
@@ -140,9 +153,14 @@ class Claim:
         # The file stays after a run (unlinking it would let a third process
         # lock a new inode while a second still holds the old one); only a
         # failed start that created it removes it, as it removes the rest.
-        if (exc_type is not None and not self._committed and
-            LOCK_FILE not in self._existing):
+        failed = exc_type is not None and not self._committed
+        if failed and LOCK_FILE not in self._existing:
           os.remove(os.path.join(self.workdir, LOCK_FILE))
+        elif failed and self._old_lock is not None:
+          data, atime, mtime = self._old_lock
+          os.ftruncate(self._fd, 0)
+          os.pwrite(self._fd, data, 0)
+          os.utime(self._fd, ns=(atime, mtime))
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
@@ -151,10 +169,32 @@ class Claim:
 
   def _rollback(self) -> None:
     for name in self._artefacts:
+      path = os.path.join(self.workdir, name)
+      if name in self._inside:
+        _remove_new(path, self._inside[name])
+        continue
       if name in self._existing:
         continue
-      path = os.path.join(self.workdir, name)
       if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
       elif os.path.lexists(path):
         os.remove(path)
+
+
+def _tree(root: str) -> set[str]:
+  """Relative paths of every file and directory under `root`."""
+  out = set()
+  for parent, dirs, files in os.walk(root):
+    rel = os.path.relpath(parent, root)
+    out.update(os.path.normpath(os.path.join(rel, n)) for n in dirs + files)
+  return out
+
+
+def _remove_new(root: str, before: set[str]) -> None:
+  """Removes what appeared under `root` since `_tree(root)` gave `before`."""
+  for rel in sorted(_tree(root) - before, key=len, reverse=True):
+    path = os.path.join(root, rel)
+    if os.path.isdir(path) and not os.path.islink(path):
+      shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+      os.remove(path)

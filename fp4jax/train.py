@@ -8,12 +8,20 @@ signal, after saving) and `TooManySkipped`.
 
 Start order (each stage only after the one before passed): every config
 check that needs no data (loop keys, schedule, recipe, mesh, model shape
-and its fit to the mesh, the workdir's config.json); the workdir is usable;
-the workdir is locked (`fp4jax.rundir`); the data stage (may write the
-tokenizer and prepared data, removed again if the start fails); the steps
-are compiled; only then config.json, checkpoints and metrics are written.
-The pure step functions live in `fp4jax.train_state`, metric records in
-`fp4jax.metrics`, FLOP counts in `fp4jax.flops`.
+and its fit to the mesh, attention backend, the workdir's config.json); the
+workdir is usable and its records agree with its checkpoints (a run that
+reached a step but has no checkpoint is refused, `fp4jax.runrecord`); the
+checkpoint to resume from fits the state this start builds, from its
+metadata (`fp4jax.recast`: model shape, run key, storage dtypes to
+convert); there is disk space for a checkpoint; the workdir is locked
+(`fp4jax.rundir`); the data stage (may write the tokenizer and prepared
+data, removed again if the start fails) and the saved data position is
+checked against it; the steps are compiled; the checkpoint is restored and
+converted (nothing moved or written yet). Only then are config.json, the
+start record (`starts.jsonl`: the step and the changed keys), checkpoints
+and metrics written, so a start that fails leaves the workdir
+byte-identical. The pure step functions live in `fp4jax.train_state`,
+metric records in `fp4jax.metrics`, FLOP counts in `fp4jax.flops`.
 
 Must not import: tensorflow_datasets, grain (the data sources do), or
 fp4jax.main.
@@ -24,6 +32,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -36,6 +45,7 @@ from jax.experimental import multihost_utils
 
 from fp4jax import checkpoint
 from fp4jax import data
+from fp4jax import diskspace
 from fp4jax import flops
 from fp4jax import hf
 from fp4jax import llama
@@ -44,7 +54,9 @@ from fp4jax import metrics as metrics_lib
 from fp4jax import optim
 from fp4jax import qconfig
 from fp4jax import qdot
+from fp4jax import recast
 from fp4jax import rundir
+from fp4jax import runrecord
 from fp4jax import sharding
 from fp4jax import sizes
 from fp4jax import train_state
@@ -60,7 +72,7 @@ class NonFiniteError(FloatingPointError):
 
 
 class Stopped(Exception):
-  """A stop signal (SIGTERM, SIGINT) ended the run early; resumable.
+  """A stop signal (SIGTERM, SIGINT, SIGHUP) ended the run early; resumable.
 
   Attributes:
     signum: the signal.
@@ -208,6 +220,61 @@ def switched_rules(rules, mode: str):
   return tuple(out)
 
 
+def rules_at_step(quant: Mapping[str, Any], num_steps: int, n_layers: int,
+                  step: int) -> tuple[tuple[tuple[str, Any], ...], str]:
+  """(layer rules, recipe label) the last step before checkpoint `step`
+  was trained with: `quant_rules`, switched back past
+  quant.switch_back's step (label "<recipe>+bf16_forward", or "bf16" for
+  switch_back_mode "all").
+
+  Raises:
+    ValueError: as `quant_rules` and `switch_back_step`.
+  """
+  rules, recipe = quant_rules(quant, n_layers)
+  late = switch_back_step(quant, num_steps)
+  if late is None or step <= late:
+    return rules, recipe.name
+  mode = quant.get("switch_back_mode", "forward")
+  label = "bf16" if mode == "all" else f"{recipe.name}+bf16_forward"
+  return switched_rules(rules, mode), label
+
+
+def _check_attention(model_cfg: llama.LlamaConfig, segment_ids: bool) -> None:
+  """model.attention="cudnn" where it cannot run: one line before compiling
+  (the trace would fail deep inside jax)."""
+  if llama.attention_impl(model_cfg.attention, segment_ids) != "cudnn":
+    return
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU (the "
+                     f"backend is {jax.default_backend()}); use 'auto' or "
+                     f"'xla'")
+  if segment_ids:
+    raise ValueError("model.attention='cudnn' takes no segment masks; set "
+                     "data.segment_ids=False or model.attention='auto'")
+
+
+def _resume_point(workdir: str, abstract: Any) -> tuple[int, Any, list[str]
+                                                        ] | None:
+  """(step, its stored leaves, the conversions it needs) of the checkpoint
+  a start will resume from, from metadata only; None when there is none.
+
+  The newest complete step whose metadata reads is the one checked (an
+  older one is restored only if its arrays turn out damaged).
+
+  Raises:
+    ValueError: one line: the step does not fit `abstract` (recast.check).
+  """
+  where = os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINT_DIR)
+  for step in reversed(checkpoint.complete_steps(workdir)):
+    try:
+      stored = recast.stored_leaves(workdir, step)
+    except checkpoint.UnreadableCheckpoint:
+      continue   # the restore falls back past it and says so
+    return step, stored, recast.check(stored, abstract, step=step,
+                                      where=where)
+  return None
+
+
 def _check_loop_keys(config) -> None:
   for key, low in (("num_steps", 1), ("log_every", 1), ("eval_every", 0),
                    ("eval_steps", 0), ("checkpoint_every", 1),
@@ -292,7 +359,8 @@ def train_and_evaluate(config, workdir: str, *,
 
   Args:
     config: a ConfigDict with the keys of configs/default.py.
-    workdir: run directory: checkpoints/, config.json, metrics.jsonl, tb/.
+    workdir: run directory: checkpoints/, config.json, starts.jsonl,
+      metrics.jsonl, tb/.
     stop_at_step: stop after this step as if preempted (save, return);
       for tests and time-boxed jobs. The schedule still spans num_steps.
     metrics_fn: optional (params=, grads=) -> nested dict of scalars, run
@@ -303,11 +371,15 @@ def train_and_evaluate(config, workdir: str, *,
 
   Raises:
     ValueError / FileNotFoundError: one line naming the config key, file or
-      workdir that is invalid; a start failing so leaves the workdir as it
-      found it.
+      workdir that is invalid; a start failing so leaves the workdir
+      byte-identical.
+    diskspace.DiskFull: no room for a checkpoint (before the start, or at a
+      save: the partial save is removed, earlier checkpoints stay), the
+      prepared corpus or the tokenizer.
     rundir.WorkdirBusy: another live run holds the workdir.
     NonFiniteError: a non-finite loss / grad norm with skip_nonfinite=False.
-    Stopped: SIGTERM / SIGINT arrived; a checkpoint was saved first.
+    Stopped: SIGTERM / SIGINT / SIGHUP arrived; a checkpoint was saved
+      first.
     TooManySkipped: the run finished but skipped more than
       config.max_skipped_fraction of its steps.
   """
@@ -326,6 +398,7 @@ def train_and_evaluate(config, workdir: str, *,
   # trained one by construction, a given one is checked), and synthetic
   # tokens use it too: the model is built and checked before the data.
   model_cfg = model_config(config.model.to_dict(), config.data.vocab_size)
+  _check_attention(model_cfg, bool(config.data.get("segment_ids", False)))
   run_info = {"model": dataclasses.asdict(model_cfg),
               "quant": {"recipe": recipe.name,
                         "overrides": dict(config.quant.overrides),
@@ -339,10 +412,25 @@ def train_and_evaluate(config, workdir: str, *,
     del tensors
   rundir.check_usable(workdir)
   checkpoint.check_run_info(workdir, run_info)
-  train_state.check_fit(model_cfg, rules, mesh=mesh,
-                        global_batch=config.data.global_batch,
-                        seq_len=config.data.seq_len,
-                        comm_dtype=config.comm.grad_dtype)
+  fit = dict(mesh=mesh, global_batch=config.data.global_batch,
+             seq_len=config.data.seq_len, comm_dtype=config.comm.grad_dtype)
+  train_state.check_fit(model_cfg, rules, **fit)
+  if late_step is not None:
+    train_state.check_fit(model_cfg, switched_rules(
+        rules, config.quant.switch_back_mode), **fit)
+  _check_records(config, workdir)
+  # The state this start builds (shapes only), against the checkpoint it
+  # will resume from and the space a checkpoint of it takes.
+  _, abstract = train_state.abstract_state(
+      model_cfg, rules, optim_cfg, num_steps=num_steps, mesh=mesh,
+      seed=config.seed)
+  resume = _resume_point(workdir, abstract)
+  ckpt_bytes = optim.state_bytes(abstract.params,
+                                 abstract.opt_state)["total_bytes"]
+  ckpt_need = 1.05 * ckpt_bytes + (1 << 20)   # + orbax's metadata files
+  if pidx == 0:
+    diskspace.check(os.path.join(workdir, checkpoint.CHECKPOINT_DIR),
+                    ckpt_need, "a checkpoint")
   with rundir.Claim(workdir, artefacts=data.WORKDIR_FILES,
                     primary=pidx == 0) as claim, \
       checkpoint.stop_flag() as flag:
@@ -357,6 +445,16 @@ def train_and_evaluate(config, workdir: str, *,
     if train_it.vocab_size > model_cfg.vocab_size:
       raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller "
                        f"than the data's vocabulary ({train_it.vocab_size})")
+    if resume is not None:
+      # The saved data position must fit this data before anything
+      # compiles (set again from the restored checkpoint below).
+      try:
+        train_it.set_state(recast.stored_data_state(workdir, resume[0]))
+      except checkpoint.UnreadableCheckpoint:
+        pass   # the restore falls back past this step and says so
+      except ValueError as e:
+        raise ValueError(f"checkpoint step {resume[0]} cannot resume with "
+                         f"this data: {e}") from None
     make = functools.partial(
         _make_trainer, model_cfg, optim_cfg=optim_cfg, num_steps=num_steps,
         mesh=mesh, global_batch=config.data.global_batch,
@@ -372,28 +470,136 @@ def train_and_evaluate(config, workdir: str, *,
     late = None if late_step is None else (
         late_step, functools.partial(make, switched_rules(
             rules, config.quant.switch_back_mode)))
-    # Everything is validated: from here on the workdir may be written.
-    claim.commit()
-    checkpoint.write_run_info(workdir, run_info)
-    ckpt = checkpoint.Checkpointer(workdir, every=config.checkpoint_every,
-                                   keep=config.keep_checkpoints)
+    opened: list[checkpoint.Checkpointer] = []   # closed on the way out
     try:
-      restored = ckpt.restore_latest(trainer.abstract_state)
+      # Restored before anything is written: a checkpoints folder exists
+      # already, so opening the checkpointer creates nothing, and damaged
+      # steps are moved aside only once the start is committed.
+      restored = None
+      if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
+        opened.append(_checkpointer(config, workdir))
+        restored = _restore(opened[0], trainer.abstract_state, resume,
+                            workdir)
+      if restored is None:
+        state = trainer.init()
+        if init_params is not None:
+          state = _with_params(state, init_params)
+        restored_step = 0
+      else:
+        restored_step, state, data_state = restored
+        train_it.set_state(data_state)
+      if late is not None and restored_step >= late[0]:
+        trainer, late = late[1](), None   # compiled before the commit
+      # Everything is validated: from here on the workdir may be written.
+      claim.commit()
+      if not opened:
+        opened.append(_checkpointer(config, workdir))
+      ckpt = opened[0]
+      ckpt.set_aside_deferred()
+      if pidx == 0:
+        checkpoint.write_run_info(workdir, run_info)
+        changed = runrecord.record_start(
+            workdir, restored_step, config.to_dict(),
+            prng_impl=str(jax.config.jax_default_prng_impl))
+        if restored is not None and changed:
+          logging.info("resumed from step %d with changed settings: %s",
+                       restored_step, ", ".join(
+                           f"{k}={v!r}" for k, v in changed.items()))
       writer = metrics_lib.MetricWriter(
           workdir, enabled=pidx == 0,
-          resume_step=None if restored is None else restored[0])
+          resume_step=None if restored is None else restored_step)
       try:
         state, stop = _loop(config, trainer, ckpt, writer, train_it, val_it,
-                            stop_at_step, restored, flag, init_params, late)
+                            stop_at_step, restored is not None, state, flag,
+                            late, ckpt_need, init_params is not None)
       finally:
         writer.close()
-    finally:
-      ckpt.close()
+      opened.pop().close()   # waits for the last save: may run out of space
+    except BaseException as e:
+      for c in opened:
+        try:
+          c.close()
+        except Exception:  # pylint: disable=broad-except
+          pass   # the error being raised says what went wrong
+      if isinstance(e, Exception) and diskspace.is_full(e):
+        if pidx == 0:
+          _remove_partial_saves(workdir)
+        diskspace.raise_if_full(e, os.path.join(
+            workdir, checkpoint.CHECKPOINT_DIR), ckpt_need,
+                                "a checkpoint (and the run's records)")
+      raise
   step = int(jax.device_get(state.step))
   if stop is not None:
-    raise Stopped(stop, step, saved=step in ckpt.all_steps())
+    raise Stopped(stop, step, saved=step in checkpoint.complete_steps(workdir))
   _check_skipped(config, state, step)
   return state
+
+
+def _checkpointer(config, workdir: str) -> checkpoint.Checkpointer:
+  return checkpoint.Checkpointer(workdir, every=config.checkpoint_every,
+                                 keep=config.keep_checkpoints)
+
+
+def _restore(ckpt, abstract: Any, resume, workdir: str):
+  """(step, state in this start's layout, data state), or None.
+
+  Each leaf is read in the dtype the step stored it in and converted
+  afterwards (recast); a step other than the one `resume` checked (the
+  newer ones were damaged) is checked and, if stored differently, read
+  again in its own dtypes.
+  """
+  if resume is None:
+    # No complete step: any step folders are damaged, and restore_latest
+    # names them in its one-line error.
+    return ckpt.restore_latest(abstract, defer_set_aside=True)
+  step, stored, conversions = resume
+  restored = ckpt.restore_latest(recast.target(abstract, stored),
+                                 defer_set_aside=True)
+  if restored is None:
+    return None
+  if restored[0] != step:
+    where = os.path.join(os.path.abspath(workdir), checkpoint.CHECKPOINT_DIR)
+    step = restored[0]
+    stored_then = recast.stored_leaves(workdir, step)
+    conversions = recast.check(stored_then, abstract, step=step, where=where)
+    if stored_then != stored:
+      state, data_state = ckpt.restore(recast.target(abstract, stored_then),
+                                       step)
+      restored = (step, state, data_state)
+  state = recast.convert(restored[1], abstract)
+  for line in conversions:
+    logging.warning("checkpoint step %d converted to this start's storage: "
+                    "%s", step, line)
+  return step, state, restored[2]
+
+
+def _remove_partial_saves(workdir: str) -> None:
+  """Deletes the unfinished saves (orbax's "*.orbax-checkpoint-tmp*"
+  folders) a full disk left in the checkpoints folder."""
+  root = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+  try:
+    names = os.listdir(root)
+  except OSError:
+    return
+  for name in names:
+    if ".orbax-checkpoint-tmp" in name:
+      shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _check_records(config, workdir: str) -> None:
+  """The workdir's records against its checkpoints (runrecord), before
+  anything else looks at the workdir."""
+  runrecord.read_starts(workdir)   # a damaged record: one line, now
+  first = config
+  if os.path.isfile(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+    first = checkpoint.read_run_info(workdir).get("config", {}) or config
+  try:
+    first_save = min(int(first["checkpoint_every"]), int(first["num_steps"]))
+  except (KeyError, TypeError, ValueError):
+    first_save = min(config.checkpoint_every, config.num_steps)
+  if checkpoint.step_dirs(workdir):
+    return   # folders to restore from (or to name as damaged)
+  runrecord.check_checkpoints_present(workdir, first_save)
 
 
 def _check_skipped(config, state, step: int) -> None:
@@ -419,9 +625,11 @@ def _with_params(state, pure: dict[str, Any]):
 
 
 def _loop(config, trainer, ckpt, writer, train_it, val_it, stop_at_step,
-          restored, flag, init_params=None, late=None):
-  """Runs steps to num_steps / stop_at_step / a stop signal; from step
-  late[0] on with the trainer late[1]() builds (quant.switch_back).
+          resumed, state, flag, late=None, ckpt_need=0.0, from_hf=False):
+  """Runs steps from `state` (restored when `resumed`, else fresh) to
+  num_steps / stop_at_step / a stop signal; from step late[0] on with the
+  trainer late[1]() builds (quant.switch_back). Before each save, checks
+  that `ckpt_need` bytes are free.
 
   Returns:
     (the final state, the stop signal's number or None).
@@ -431,21 +639,16 @@ def _loop(config, trainer, ckpt, writer, train_it, val_it, stop_at_step,
                trainer.model_cfg, sizes.param_count(trainer.model_cfg))
   logging.info("quantization (projection -> recipe):\n%s",
                "\n".join(quant_table_lines(trainer.quant_table)))
-  if restored is None:
-    latest = None
-    state = trainer.init()
-    if init_params is None:
-      logging.info("initialised a fresh state")
-    else:
-      state = _with_params(state, init_params)
-      logging.info("initialised a fresh state with the weights of %s",
-                   config.init_from_hf)
-  else:
-    latest, state, data_state = restored
-    train_it.set_state(data_state)
-    logging.info("resumed from step %d (%s)", latest, ckpt.directory)
-  val_start = val_it.get_state() if val_it is not None else None
   step = int(jax.device_get(state.step))
+  latest = step if resumed else None
+  if resumed:
+    logging.info("resumed from step %d (%s)", step, ckpt.directory)
+  elif from_hf:
+    logging.info("initialised a fresh state with the weights of %s",
+                 config.init_from_hf)
+  else:
+    logging.info("initialised a fresh state")
+  val_start = val_it.get_state() if val_it is not None else None
   # Memory accounting of the persistent state (params + optimizer state),
   # from shapes and dtypes: logged at every start, recorded once per run.
   mem = optim.state_bytes(trainer.abstract_state.params,
@@ -527,8 +730,12 @@ def _loop(config, trainer, ckpt, writer, train_it, val_it, stop_at_step,
         stop or tele is not None):
       writer.write(step, summary)
       logging.info("%s", metrics_lib.console_line(step, num_steps, summary))
-    ckpt.save(step, state, train_it.get_state(),
-              force=stop or step == num_steps)
+    force = stop or step == num_steps
+    if (force or step % config.checkpoint_every == 0) and (
+        jax.process_index() == 0):
+      diskspace.check(ckpt.directory, ckpt_need,
+                      f"the checkpoint of step {step}")
+    ckpt.save(step, state, train_it.get_state(), force=force)
     t_last = time.perf_counter()
     if stop:
       if flag.is_set() and step < num_steps:

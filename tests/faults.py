@@ -8,7 +8,10 @@
 
 Also a data source, "nan_at", for data.SOURCES: synthetic tokens whose
 training batches from index `NAN_AT` on carry a NaN mask (a non-finite
-loss), for runs driven through `python -c "import faults; faults.main()"`.
+loss), for runs driven through `python -c "import faults; faults.main()"`,
+and a full disk (`FULL_DISK` kinds) simulated where the libraries would
+report ENOSPC, for `python -c "import faults; faults.full_disk_main()"`
+(a real small file system needs privileges a test does not have).
 """
 
 import glob
@@ -201,4 +204,70 @@ def main() -> None:
   from fp4jax import data  # pylint: disable=g-import-not-at-top
   data.SOURCES["nan_at"] = __name__
   sys.argv = ["fp4jax.main", *sys.argv[1:]]
+  runpy.run_module("fp4jax.main", run_name="__main__", alter_sys=True)
+
+
+# -------------------------------------------------------------- a full disk
+# Where the disk fills, and how the library writing there reports it (the
+# texts are those a real full tmpfs gave: tensorstore under orbax,
+# array_record under TFDS, Python's OSError for plain files).
+FULL_DISK = ("free_space", "checkpoint_write", "corpus", "tokenizer")
+FULL_AT_STEP = 6
+_ORBAX_ENOSPC = ("RESOURCE_EXHAUSTED: Error writing \"params\" in OCDBT "
+                 "database: Failed to write 621289 bytes to file 5: No "
+                 "space left on device [os_error_code='28']")
+
+
+def _full_disk(kind: str) -> None:
+  import errno  # pylint: disable=g-import-not-at-top
+  if kind == "free_space":    # statvfs reports 1 kB free everywhere
+    real_statvfs = os.statvfs
+
+    class _Stat:
+      def __init__(self, st):
+        self.f_frsize, self.f_bavail = st.f_frsize, 1024 // st.f_frsize
+    os.statvfs = lambda path: _Stat(real_statvfs(path))
+  elif kind == "checkpoint_write":   # the save of FULL_AT_STEP fails
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+      if step < FULL_AT_STEP:
+        return real_save(self, step, *args, **kwargs)
+      tmp = os.path.join(str(self.directory),
+                         f"{step}.orbax-checkpoint-tmp-1234", "state")
+      os.makedirs(tmp)
+      pathlib.Path(tmp, "d").write_bytes(b"\0" * 4096)   # a partial file
+      raise ValueError(_ORBAX_ENOSPC)
+    ocp.CheckpointManager.save = save
+  elif kind == "corpus":    # array_record fails writing the train split
+    from fp4jax.data import builders  # pylint: disable=g-import-not-at-top
+
+    def prepare(self, **kwargs):
+      del kwargs
+      partial = pathlib.Path(self.data_dir).parent / "incomplete.X_1.0.0"
+      partial.mkdir(parents=True)
+      (partial / "text_files-train.array_record-00000-of-00001"
+       ).write_bytes(b"\0" * 4096)
+      raise RuntimeError(
+          f'Failed to finalize writing of split "train": write() failed: '
+          f'No space left on device; writing {partial}')
+    builders.TextFiles.download_and_prepare = prepare
+  elif kind == "tokenizer":   # the model file's rename after a short write
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+      if str(dst).endswith("tokenizer.model"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))
+      return real_replace(src, dst, *args, **kwargs)
+    os.replace = replace
+  else:
+    raise ValueError(f"unknown full-disk kind {kind!r}; one of {FULL_DISK}")
+
+
+def full_disk_main() -> None:
+  """The CLI with a full disk of kind sys.argv[1] (argv[2:]: the CLI's)."""
+  import runpy  # pylint: disable=g-import-not-at-top
+  _full_disk(sys.argv[1])
+  sys.argv = ["fp4jax.main", *sys.argv[2:]]
   runpy.run_module("fp4jax.main", run_name="__main__", alter_sys=True)

@@ -23,14 +23,14 @@ import sys
 
 import pytest
 
-from configs import demo
 from fp4jax import checkpoint
 from fp4jax import metrics
 from fp4jax import rundir
 from fp4jax import train
 from fp4jax.data import tokenizer as tokenizer_lib
 import faults
-import harness
+import smoke_run
+from smoke_run import base_run  # pylint: disable=unused-import
 
 SMOKE = "--config=configs/demo.py:smoke,recipe=bf16"
 EXIT_ERROR, EXIT_BUSY, EXIT_SKIPPED = 1, 75, 4
@@ -102,36 +102,16 @@ def test_a_stored_tokenizer_of_other_data_is_refused(tmp_path):
 # ------------------------------------------ 2-3. damaged workdir, in-process
 
 
-def _config(**updates):
-  c = demo.get_config("smoke,recipe=bf16")
-  c.model.n_layers = 1
-  c.num_steps, c.log_every, c.checkpoint_every = 6, 1, 3
-  c.eval_every, c.eval_steps = 0, 1
-  return harness.set_keys(c, updates)
 
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-  """A finished 6-step run with checkpoints at steps 3 and 6."""
-  workdir = tmp_path_factory.mktemp("base") / "run"
-  train.train_and_evaluate(_config(), str(workdir))
-  assert checkpoint.complete_steps(str(workdir)) == [3, 6]
-  return workdir
-
-
-def _copy(base_run, tmp_path) -> pathlib.Path:
-  workdir = tmp_path / "run"
-  shutil.copytree(base_run, workdir)
-  return workdir
 
 
 @pytest.mark.parametrize("how", faults.CORRUPTIONS)
 def test_an_unreadable_newest_checkpoint_falls_back_and_is_kept(
     base_run, tmp_path, how, caplog):
-  workdir = _copy(base_run, tmp_path)
+  workdir = smoke_run.copy(base_run, tmp_path)
   rel = faults.corrupt_checkpoint(workdir, 6, how)
   damaged = faults.snapshot(workdir / "checkpoints" / "6")
-  state = train.train_and_evaluate(_config(), str(workdir))
+  state = train.train_and_evaluate(smoke_run.config(), str(workdir))
   assert int(state.step) == 6
   # Resumed from 3 and saved a new 6; the damaged one is kept, unchanged.
   assert checkpoint.complete_steps(str(workdir)) == [3, 6]
@@ -148,13 +128,13 @@ def test_an_unreadable_newest_checkpoint_falls_back_and_is_kept(
 
 def test_no_readable_checkpoint_is_one_line_and_moves_nothing(base_run,
                                                               tmp_path):
-  workdir = _copy(base_run, tmp_path)
+  workdir = smoke_run.copy(base_run, tmp_path)
   faults.corrupt_checkpoint(workdir, 6, "delete_metadata")
   faults.corrupt_checkpoint(workdir, 3, "truncate_data")
   before = faults.snapshot(workdir)
   with pytest.raises(ValueError, match=r"no readable checkpoint .*step 6: "
                      r"state/_METADATA is missing; step 3: state/d/") as e:
-    train.train_and_evaluate(_config(num_steps=9), str(workdir))
+    train.train_and_evaluate(smoke_run.config(num_steps=9), str(workdir))
   assert "\n" not in str(e.value)
   after = faults.snapshot(workdir)
   assert {k: v for k, v in after.items() if k != rundir.LOCK_FILE} == {
@@ -163,11 +143,15 @@ def test_no_readable_checkpoint_is_one_line_and_moves_nothing(base_run,
 
 def test_a_fresh_start_moves_a_crashed_attempts_metrics_aside(base_run,
                                                                tmp_path):
-  # Crashed before its first checkpoint: config.json and metrics, no state.
-  workdir = _copy(base_run, tmp_path)
+  # Crashed before its first checkpoint (step 3): config.json and the
+  # metrics of steps 0-2, no state.
+  workdir = smoke_run.copy(base_run, tmp_path)
   shutil.rmtree(workdir / "checkpoints")
-  old = (workdir / metrics.METRICS_FILE).read_text()
-  train.train_and_evaluate(_config(), str(workdir))
+  path = workdir / metrics.METRICS_FILE
+  path.write_text("".join(l + "\n" for l in path.read_text().splitlines()
+                          if json.loads(l)["step"] < 3))
+  old = path.read_text()
+  train.train_and_evaluate(smoke_run.config(), str(workdir))
   steps = [json.loads(l)["step"]
            for l in (workdir / metrics.METRICS_FILE).read_text().splitlines()]
   assert steps == sorted(set(steps)) and steps[-1] == 6
@@ -176,9 +160,9 @@ def test_a_fresh_start_moves_a_crashed_attempts_metrics_aside(base_run,
 
 def test_a_torn_metrics_line_is_set_aside_and_the_run_resumes(base_run,
                                                               tmp_path):
-  workdir = _copy(base_run, tmp_path)
+  workdir = smoke_run.copy(base_run, tmp_path)
   fragment = faults.tear_last_line(workdir / metrics.METRICS_FILE)
-  state = train.train_and_evaluate(_config(num_steps=9), str(workdir))
+  state = train.train_and_evaluate(smoke_run.config(num_steps=9), str(workdir))
   assert int(state.step) == 9
   records = [json.loads(l) for l in
              (workdir / metrics.METRICS_FILE).read_text().splitlines()]

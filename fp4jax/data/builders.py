@@ -7,26 +7,32 @@ array_record splits "train" and "validation", read back through
 datasets (`data.source="tfds"`), which never downloads.
 
 A prepared corpus lives in `<data_dir>/text_files/<kind>_<hash>/1.0.0/`,
-where the hash covers the file list, each file's size and mtime, and every
-setting that changes the records (separator, text key, decode mode, val
-fraction), so re-runs reuse it and any change re-prepares. Errors in the
-input (missing files, bad UTF-8 under "strict", no documents) surface in a
-scan before TFDS writes anything.
+where the hash covers the content of the files in order (not their paths
+or times: a touched or moved file with the same bytes is the same data, so
+a run stays resumable) and every setting that changes the records
+(separator, text key, decode mode, val fraction), so re-runs reuse it and
+any change re-prepares. Errors in the input (missing files, bad UTF-8
+under "strict", no documents) surface in a scan before TFDS writes
+anything, and so does a data dir without room for the prepared copy
+(`fp4jax.diskspace`); a preparation that fails leaves nothing behind.
 
 Must not import: ml_collections, grain, sentencepiece, or fp4jax modules
-other than fp4jax.data.documents.
+other than fp4jax.data.documents and fp4jax.diskspace.
 """
 
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from absl import logging
 import tensorflow_datasets as tfds
 
+from fp4jax import diskspace
 from fp4jax.data import documents
 
 # Bump when the record layout or the splitting rules change: old prepared
@@ -62,12 +68,7 @@ class CorpusSpec:
   fmt: str | None = None
   train_key: str = "data.train_files"
 
-  def cache_name(self) -> str:
-    """`<kind>_<hash>`: the TFDS config name of the prepared copy.
-
-    Raises:
-      FileNotFoundError: a listed file no longer exists.
-    """
+  def _settings_hash(self) -> "hashlib._Hash":
     h = hashlib.sha256()
     settings = dataclasses.asdict(self)
     settings.update(record_format=RECORD_FORMAT, train=None, val=None,
@@ -76,12 +77,106 @@ class CorpusSpec:
     if self.val:
       settings["val_fraction"] = None
     h.update(json.dumps(settings, sort_keys=True).encode())
-    for tag, paths in (("train", self.train), ("val", self.val)):
-      for path in paths:
-        st = os.stat(path)
-        h.update(f"{tag}\0{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h
+
+  def _name(self, h) -> str:
     safe = "".join(c if c.isalnum() else "_" for c in self.kind.lower())
     return f"{safe}_{h.hexdigest()[:16]}"
+
+  def cache_name(self) -> str:
+    """`<kind>_<hash>`: the TFDS config name of the prepared copy, also the
+    data's identity in a checkpoint's data state and the tokenizer record.
+
+    The hash covers the settings and each file's content (`content_hash`),
+    in order; never a path or a time stamp.
+
+    Raises:
+      FileNotFoundError: a listed file no longer exists.
+    """
+    h = self._settings_hash()
+    for tag, paths in (("train", self.train), ("val", self.val)):
+      for path in paths:
+        h.update(f"{tag}\0{content_hash(path)}\n".encode())
+    return self._name(h)
+
+  def legacy_cache_name(self) -> str | None:
+    """The name earlier versions gave this corpus (paths, sizes and mtimes
+    hashed), or None if a file is gone: a run started by one of them is
+    still resumed while its files are untouched."""
+    h = self._settings_hash()
+    try:
+      for tag, paths in (("train", self.train), ("val", self.val)):
+        for path in paths:
+          st = os.stat(path)
+          h.update(f"{tag}\0{path}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                   .encode())
+    except OSError:
+      return None
+    return self._name(h)
+
+  def input_bytes(self) -> int:
+    """Total size of the listed files."""
+    return sum(os.path.getsize(p) for p in self.train + self.val)
+
+
+# Files up to this size are hashed whole (SHA-256 reads ~0.5 GB/s); larger
+# ones by their size and _SAMPLES evenly spaced blocks, so a start never
+# spends minutes hashing a huge corpus. An edit that keeps a huge file's
+# size and misses every sampled block goes unnoticed.
+_WHOLE_HASH_BYTES = 256 << 20
+_SAMPLES, _SAMPLE_BYTES = 64, 64 << 10
+
+
+def content_hash(path: str) -> str:
+  """Hex SHA-256 of the file's bytes (of its size and sampled blocks when
+  it is larger than _WHOLE_HASH_BYTES).
+
+  Raises:
+    FileNotFoundError: the file does not exist.
+  """
+  st = os.stat(path)
+  # Within one process a file is hashed once (train and val iterators,
+  # the builder and the tokenizer record all ask); keyed by its stat so an
+  # edit in between is still seen.
+  key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+  if key not in _HASHES:
+    _HASHES[key] = _hash_file(path, st.st_size)
+  return _HASHES[key]
+
+
+_HASHES: dict[tuple[str, int, int, int], str] = {}
+
+
+def _hash_file(path: str, size: int) -> str:
+  h = hashlib.sha256(f"{size}\0".encode())
+  with open(path, "rb") as f:
+    if size <= _WHOLE_HASH_BYTES:
+      while block := f.read(1 << 20):
+        h.update(block)
+    else:
+      h.update(b"sampled\0")
+      for i in range(_SAMPLES):
+        f.seek(i * (size - _SAMPLE_BYTES) // (_SAMPLES - 1))
+        h.update(f.read(_SAMPLE_BYTES))
+  return h.hexdigest()
+
+
+def _not_a_local_corpus_note(record) -> bool:
+  """False for TFDS's warnings that hold for every local corpus and ask
+  nothing of anyone, so a normal run's log does not repeat them: each
+  corpus is a "custom data configuration" (logged at every builder made),
+  and its version folder "has no dataset_info.json" until prepared."""
+  msg = str(record.msg)
+  args = record.args if isinstance(record.args, tuple) else ()
+  arg = str(args[0]) if args else ""
+  return not (
+      (msg.startswith("Using custom data configuration")
+       and ("name='text_files_" in arg or "name='stdlib_" in arg))
+      or (msg.startswith("Variant folder")
+          and f"{os.sep}text_files{os.sep}" in arg))
+
+
+logging.get_absl_logger().addFilter(_not_a_local_corpus_note)
 
 
 class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -93,6 +188,15 @@ class TextFiles(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """
 
   VERSION = tfds.core.Version("1.0.0")
+
+  # TFDS prints "Downloading and preparing dataset Unknown size ..." and
+  # "... downloaded and prepared" to stdout around a preparation: nothing
+  # is downloaded here, and prepare_corpus logs what it prepares.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
 
   def __init__(self, *, spec: CorpusSpec, data_dir: str,
                val_index: frozenset[int] = frozenset()):
@@ -182,6 +286,8 @@ def prepare_corpus(spec: CorpusSpec, data_dir: str) -> TextFiles:
     FileNotFoundError: a listed file is missing.
     ValueError: one line naming the file / key: no documents, invalid UTF-8
       under "strict", bad JSONL, a val fraction that leaves a side empty.
+    diskspace.DiskFull: no room in data_dir (checked before writing, or
+      the write ran out); nothing of the preparation is left behind.
   """
   if not spec.train:
     raise ValueError(f"{spec.train_key} is empty: nothing to train on")
@@ -195,9 +301,35 @@ def prepare_corpus(spec: CorpusSpec, data_dir: str) -> TextFiles:
   elif spec.val_fraction:
     val_index = frozenset(documents.held_out(hashes, spec.val_fraction))
   builder = TextFiles(spec=spec, data_dir=data_dir, val_index=val_index)
+  # The prepared records hold the text once more (plus ids and indexes).
+  need = 1.1 * spec.input_bytes() + (1 << 20)
+  what = f"the prepared copy of {spec.train_key}"
+  diskspace.check(data_dir, need, what)
   logging.info("preparing %s under %s", spec.cache_name(), data_dir)
-  builder.download_and_prepare(file_format="array_record")
+  # Progress bars on a terminal only: in a log file they are escape codes.
+  tfds.display_progress_bar(sys.stderr.isatty())
+  made = _missing_dirs(os.path.join(data_dir, builder.name,
+                                    spec.cache_name()))
+  try:
+    builder.download_and_prepare(file_format="array_record")
+  except Exception as e:  # array_record / TFDS raise many kinds
+    # TFDS removes its own incomplete folder; the folders above it that
+    # this preparation created go too, so a failure leaves nothing.
+    for path in made:
+      shutil.rmtree(path, ignore_errors=True)
+    diskspace.raise_if_full(e, data_dir, need, what)
+    raise
   return builder
+
+
+def _missing_dirs(path: str) -> list[str]:
+  """`path` and those of its ancestors that do not exist, outermost first."""
+  out = []
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    out.append(path)
+    path = os.path.dirname(path)
+  return out[::-1]
 
 
 def corpus_source(builder: TextFiles, split: str) -> Any:

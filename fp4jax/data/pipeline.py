@@ -84,7 +84,7 @@ class PackedInput:
                seq_len: int, batch: int, split: str, seed: int,
                segment_ids: bool = False, process_index: int = 0,
                process_count: int = 1, text_key: str = "text",
-               name: str = "records"):
+               name: str = "records", aliases: tuple[str, ...] = ()):
     """Builds the iterator at the start of the stream.
 
     Args:
@@ -99,6 +99,8 @@ class PackedInput:
       process_index, process_count: this process's shard.
       text_key: record field holding the text.
       name: the data's identity (cache name), part of the state check.
+      aliases: other names of the same data (what earlier versions called
+        it): a state saved under one of them is accepted.
 
     Raises:
       ValueError: one line naming the data.* key: bad sizes, a shard with no
@@ -138,6 +140,7 @@ class PackedInput:
         "seed": seed if split == "train" else None,
         "documents": self.num_documents, "rows": batch, "seq_len": seq_len,
         "process_index": process_index, "process_count": process_count}
+    self._aliases = tuple(a for a in aliases if a and a != name)
     self._split = split
     self._check_length()
     self._lanes = self._start_lanes()
@@ -236,7 +239,10 @@ class PackedInput:
         state.get("version") != STATE_VERSION):
       raise ValueError(f"not a packed-text data state (version "
                        f"{STATE_VERSION}): keys {sorted(state or {})}")
-    resume.check_identity(state.get("identity"), self._identity)
+    saved = state.get("identity")
+    if isinstance(saved, dict) and saved.get("data") in self._aliases:
+      saved = {**saved, "data": self._identity["data"]}
+    resume.check_identity(saved, self._identity)
     lanes = state.get("lanes")
     if (not isinstance(lanes, list) or len(lanes) != self._batch or
         any(len(l) != 2 or min(l) < 0 for l in lanes)):
@@ -319,7 +325,10 @@ def make_input(data_cfg: Any, *, split: str, seed: int,
     train_records = functools.partial(builders.corpus_source, builder,
                                       "train")
     name, text_key = spec.cache_name(), "text"
+    legacy = spec.legacy_cache_name()
+    aliases = (legacy,) if legacy else ()
   elif data_cfg.source == "tfds":
+    aliases = ()
     records, name = builders.catalogue_source(
         data_cfg.tfds_name, split, data_cfg.tfds_data_dir or None, text_key)
 
@@ -343,12 +352,14 @@ def make_input(data_cfg: Any, *, split: str, seed: int,
       vocab_size=vocab, model_path=data_cfg.tokenizer_model,
       store_path=store, sample=sample(),
       built_from={"data": name,
-                  "train_chars": data_cfg.tokenizer_train_chars})
+                  "train_chars": data_cfg.tokenizer_train_chars},
+      data_aliases=aliases)
   it = PackedInput(
       records, tokenizer=tok, seq_len=data_cfg.seq_len,
       batch=data_cfg.global_batch // process_count, split=split, seed=seed,
       segment_ids=bool(data_cfg.segment_ids), process_index=process_index,
-      process_count=process_count, text_key=text_key, name=name)
+      process_count=process_count, text_key=text_key, name=name,
+      aliases=aliases)
   logging.info("data %s/%s: %d documents in this shard, vocab %d (%s)",
                name, split, it.num_documents, tok.vocab_size,
                tok.path or "in memory")

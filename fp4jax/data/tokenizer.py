@@ -22,8 +22,8 @@ document at once, several times faster (SentencePiece slows down on long
 strings). For loaded models with a dummy prefix (LLaMA) only the first line
 gets the prefix, which again equals whole-document encoding.
 
-Must not import: ml_collections, tensorflow_datasets, grain, or other
-fp4jax modules.
+Must not import: ml_collections, tensorflow_datasets, grain, or fp4jax
+modules other than fp4jax.diskspace.
 """
 
 import hashlib
@@ -39,6 +39,8 @@ from absl import logging
 import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
+
+from fp4jax import diskspace
 
 # Lines longer than this many bytes are left out of tokenizer training
 # (SentencePiece's own limit is 4192; long lines are rare in prose and code).
@@ -163,11 +165,22 @@ def train_bpe(lines: Iterable[str], vocab_size: int) -> bytes:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
+  """Writes `data` to `path` whole or not at all (no partial file left).
+
+  Raises:
+    diskspace.DiskFull: the file system has no room for it.
+  """
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)   # several processes may train the same model
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)   # several processes may train the same model
+  except OSError as e:
+    if os.path.lexists(tmp):
+      os.remove(tmp)
+    diskspace.raise_if_full(e, path, len(data), "the tokenizer")
+    raise
 
 
 def provenance_path(store_path: str) -> str:
@@ -175,7 +188,8 @@ def provenance_path(store_path: str) -> str:
   return os.path.splitext(store_path)[0] + ".json"
 
 
-def _check_provenance(store_path: str, built_from: Mapping[str, Any]) -> None:
+def _check_provenance(store_path: str, built_from: Mapping[str, Any],
+                      data_aliases: Sequence[str] = ()) -> None:
   record_path = provenance_path(store_path)
   if not os.path.exists(record_path):
     # Written before the model, so only a model from before these records
@@ -192,6 +206,8 @@ def _check_provenance(store_path: str, built_from: Mapping[str, Any]) -> None:
                      f"({type(e).__name__}); delete it and "
                      f"{os.path.basename(store_path)} to retrain") from None
   current = json.loads(json.dumps(dict(built_from)))
+  if saved.get("data") in data_aliases:   # the same data, named as before
+    saved = {**saved, "data": current.get("data")}
   for key in sorted(current):
     if saved.get(key) != current[key]:
       raise ValueError(
@@ -203,7 +219,8 @@ def _check_provenance(store_path: str, built_from: Mapping[str, Any]) -> None:
 
 def get_tokenizer(*, vocab_size: int, model_path: str, store_path: str,
                   sample: Iterable[str],
-                  built_from: Mapping[str, Any] | None = None) -> Tokenizer:
+                  built_from: Mapping[str, Any] | None = None,
+                  data_aliases: Sequence[str] = ()) -> Tokenizer:
   """The run's tokenizer: loaded, reused from `store_path`, or trained.
 
   Args:
@@ -214,6 +231,8 @@ def get_tokenizer(*, vocab_size: int, model_path: str, store_path: str,
     built_from: JSON-able identity of the training data (e.g. {"data":
       corpus name, "train_chars": n}); recorded next to a trained model and
       required to match for a stored one to be reused.
+    data_aliases: other names of built_from["data"] (what earlier versions
+      called the same data), accepted in a stored record.
 
   Raises:
     FileNotFoundError: data.tokenizer_model is missing.
@@ -237,7 +256,7 @@ def get_tokenizer(*, vocab_size: int, model_path: str, store_path: str,
                        f"tokenizer {store_path!r} of this run has "
                        f"{tok.vocab_size} pieces; keep data.vocab_size="
                        f"{tok.vocab_size} or use a new workdir")
-    _check_provenance(store_path, built_from)
+    _check_provenance(store_path, built_from, data_aliases)
     logging.info("tokenizer: reusing %s (%d pieces)", store_path,
                  tok.vocab_size)
     return tok
