@@ -8,16 +8,35 @@ arm also runs by hand:
   python -m fp4jax.main --config=experiments/lr_sweep.py:arm=f32_lr3e-3,seed=1 \
       --workdir=runs/x
 
+The arms train on the Gutenberg books of configs/anchor.py, by default the
+corpus/ folder of the shared data folder next to the repository;
+FP4JAX_CORPUS=DIR (what `experiments.run --corpus DIR` sets) names another
+folder holding the same file names, for a run by hand too.
+
 Must not import: fp4jax (configs are plain data).
 """
 
 from __future__ import annotations
 
 import ast
+import os
 from typing import Any, NamedTuple
 
 from configs import anchor
 from configs import common
+
+# Names the folder holding the corpus files (gutenberg_en_train.txt,
+# gutenberg_en_val.txt) when it is not the shared data folder's corpus/.
+CORPUS_ENV = "FP4JAX_CORPUS"
+# sha256 of the shared data folder's corpus files, as its README publishes
+# them: the content the committed results were trained on, so reports find
+# those runs on a machine that lacks the files.
+SHARED_CORPUS = {
+    "gutenberg_en_train.txt":
+        "ef0354d9c306d149de8c7f4944d6b59f6d7ea4945124d042ca2977134e05d067",
+    "gutenberg_en_val.txt":
+        "4529bac1d0ab373c8a9c804c876293aa1412ac1607b3f84ed6ad232b82b4505d",
+}
 
 
 class Arm(NamedTuple):
@@ -60,7 +79,17 @@ def config_for(arms: dict[str, Arm], arg: str | None, steps: int):
     for p in parents:
       node = node[p]
     node[leaf] = value
+  if os.environ.get(CORPUS_ENV):
+    point_corpus(c, os.environ[CORPUS_ENV])
   return c
+
+
+def point_corpus(config, folder: str) -> None:
+  """Points the config's data files at the same names in `folder`."""
+  for key in ("train_files", "val_files"):
+    config.data[key] = tuple(
+        os.path.join(os.path.abspath(folder), os.path.basename(p))
+        for p in config.data[key])
 
 
 def lr_arms(recipes: dict[str, str], lrs: tuple[float, ...]

@@ -1,5 +1,7 @@
 """Every notebook executes headless without errors, at its small default
-settings (each trains at most a tiny model for a few dozen steps)."""
+settings (each trains at most a tiny model for a few dozen steps), from its
+own folder as Jupyter runs it (the repository root would hide imports that
+only work from there)."""
 
 import pathlib
 
@@ -15,7 +17,7 @@ def test_notebook_executes(path):
   nbformat = pytest.importorskip("nbformat")
   nb = nbformat.read(path, as_version=4)
   nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                          resources={"metadata": {"path": str(path.parent.parent)}}
+                          resources={"metadata": {"path": str(path.parent)}}
                           ).execute()
 
 
