@@ -438,6 +438,26 @@ def test_too_small_vocab_is_a_one_line_error(tmp_path):
   assert "needs >= " in _one_line(e)
 
 
+def test_a_corpus_of_one_enormous_line_trains_a_tokenizer():
+  # SentencePiece drops sentences over 4192 bytes: a corpus that is one
+  # long line (minified text, a book without newlines) left it nothing and
+  # the failure was blamed on data.vocab_size.
+  words = "the quick brown fox jumps over a lazy dog while it sleeps".split()
+  rng = np.random.default_rng(0)
+  line = " ".join(rng.choice(words, 60_000)) + " naïve café " * 300
+  tok = tokenizer_lib.Tokenizer(tokenizer_lib.train_bpe([line], 300))
+  assert tok.vocab_size == 300
+  assert tok.decode(tok.encode(line[:500])) == line[:500]
+
+
+def test_long_lines_are_cut_into_bounded_pieces_losing_nothing():
+  lines = ["a" * 10 + " " + "b" * 9, "é" * 7, "x y", ""]
+  got = list(tokenizer_lib._bounded(lines, limit=8))  # pylint: disable=protected-access
+  assert all(len(p.encode()) <= 8 for p in got)
+  assert "".join(got) == "".join(lines)
+  assert "é" * 4 in got   # cut at a character boundary (2-byte chars)
+
+
 def test_missing_val_split_is_an_error(tmp_path, tok_path):
   path = _write_txt(tmp_path / "c.txt", _docs(5))
   with pytest.raises(ValueError, match="no val split"):

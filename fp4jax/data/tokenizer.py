@@ -32,7 +32,7 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from absl import logging
@@ -42,9 +42,29 @@ from sentencepiece import sentencepiece_model_pb2
 
 from fp4jax import diskspace
 
-# Lines longer than this many bytes are left out of tokenizer training
-# (SentencePiece's own limit is 4192; long lines are rare in prose and code).
+# SentencePiece leaves sentences longer than this many bytes out of training
+# (its own default); longer lines are cut into pieces of at most this size
+# (`_bounded`), so a corpus of a few enormous lines still trains.
 _MAX_TRAIN_LINE_BYTES = 4192
+
+
+def _bounded(lines: Iterable[str], limit: int = _MAX_TRAIN_LINE_BYTES
+             ) -> Iterator[str]:
+  """`lines`, each longer than `limit` UTF-8 bytes cut into consecutive
+  pieces of at most `limit` bytes: at the last space before the limit, or
+  at a character boundary where a piece has no space."""
+  for line in lines:
+    b = line.encode("utf-8")
+    while len(b) > limit:
+      cut = b.rfind(b" ", 1, limit + 1)
+      if cut <= 0:
+        cut = limit
+        while b[cut] & 0xC0 == 0x80:   # not inside a multi-byte character
+          cut -= 1
+      yield b[:cut].decode("utf-8")
+      b = b[cut:]
+    if b:
+      yield b.decode("utf-8")
 
 
 class Tokenizer:
@@ -144,7 +164,7 @@ def train_bpe(lines: Iterable[str], vocab_size: int) -> bytes:
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe",
+        sentence_iterator=_bounded(lines), model_writer=model, model_type="bpe",
         vocab_size=vocab_size, normalization_rule_name="identity",
         remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
         byte_fallback=True, add_dummy_prefix=False, split_digits=True,
