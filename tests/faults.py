@@ -20,6 +20,7 @@ import json
 import os
 import pathlib
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -109,11 +110,20 @@ def run_main(*args, cwd=ROOT, pythonpath: bool = True, timeout: int = 300,
                         check=False)
 
 
+def _as_from_a_terminal() -> None:
+  # A run started from a shell has SIGHUP at its default; the test runner
+  # itself may have been started under nohup (SIGHUP ignored, which a child
+  # inherits and the CLI deliberately honours).
+  signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def start_main(*args, cwd=ROOT) -> subprocess.Popen:
-  """Starts the CLI; stdout+stderr merged into `proc.stdout` (text)."""
+  """Starts the CLI as from a terminal (SIGHUP at its default); stdout and
+  stderr merged into `proc.stdout` (text)."""
   return subprocess.Popen([sys.executable, "-m", "fp4jax.main", *args],
                           cwd=cwd, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+                          stderr=subprocess.STDOUT, text=True,
+                          preexec_fn=_as_from_a_terminal)
 
 
 def wait_for_step(proc: subprocess.Popen, workdir, step: int,
