@@ -44,6 +44,7 @@ from typing import Any
 
 from fp4jax import diskspace
 from fp4jax import errtext
+from fp4jax import rundir
 
 MARKER_FILE = "fp4jax.json"
 # What an export folder holds (hf.WEIGHTS_FILE, hf.CONFIG_FILE, the
@@ -120,17 +121,7 @@ def check_out(out: str, workdir: str) -> str:
     raise ValueError(f"--out {out!r} is (in) the run's checkpoints folder, "
                      f"which the run manages; export elsewhere")
   if not os.path.lexists(out):
-    probe = os.path.dirname(real_out)
-    while not os.path.isdir(probe):
-      if os.path.lexists(probe):
-        raise ValueError(f"--out {out!r}: {probe} is not a directory")
-      probe = os.path.dirname(probe)
-    try:
-      with tempfile.TemporaryFile(dir=probe):
-        pass
-    except OSError as e:
-      raise ValueError(f"--out {out!r}: cannot create files in {probe} "
-                       f"({e.strerror or e})") from None
+    rundir.check_creatable(real_out, f"--out {out!r}")
     return "new"
   if not os.path.isdir(out):
     raise ValueError(f"--out {out!r} exists and is not a folder; nothing is "

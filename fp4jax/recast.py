@@ -56,6 +56,15 @@ def _step_dir(workdir: str, step: int) -> str:
                       str(step))
 
 
+def _unreadable(step: int, item: str, e: Exception
+                ) -> checkpoint.UnreadableCheckpoint:
+  """The one-line error for `item` of checkpoint `step` failing to read."""
+  text = str(e).strip()
+  return checkpoint.UnreadableCheckpoint(
+      step, f"{item} is unreadable ({type(e).__name__}: "
+      f"{text.splitlines()[0] if text else ''})")
+
+
 def stored_leaves(workdir: str, step: int
                   ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """{leaf name: (shape, dtype)} of checkpoint `step`'s "state" item.
@@ -72,10 +81,7 @@ def stored_leaves(workdir: str, step: int
   try:
     meta = handler.metadata(epath.Path(path))
   except Exception as e:  # orbax / tensorstore raise many kinds
-    text = str(e).strip()
-    raise checkpoint.UnreadableCheckpoint(
-        step, f"state/_METADATA is unreadable ({type(e).__name__}: "
-        f"{text.splitlines()[0] if text else ''})") from None
+    raise _unreadable(step, "state/_METADATA", e) from None
   finally:
     handler.close()
   return {m.name: (tuple(m.shape), np.dtype(m.dtype))
@@ -96,10 +102,7 @@ def stored_data_state(workdir: str, step: int) -> dict[str, Any]:
     item = handler.restore(epath.Path(path), args=ocp.args.JsonRestore())
     states = item["processes"]
   except Exception as e:  # orbax raises many kinds
-    text = str(e).strip()
-    raise checkpoint.UnreadableCheckpoint(
-        step, f"data/metadata is unreadable ({type(e).__name__}: "
-        f"{text.splitlines()[0] if text else ''})") from None
+    raise _unreadable(step, "data/metadata", e) from None
   finally:
     handler.close()
   if len(states) != jax.process_count():

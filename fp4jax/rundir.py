@@ -44,8 +44,7 @@ class WorkdirBusy(RuntimeError):
 def check_usable(workdir: str) -> None:
   """Checks that `workdir` is, or can be created as, a writable directory.
 
-  Writes nothing: writability is probed with an anonymous temporary file in
-  the nearest existing directory (deleted on close, never linked).
+  Writes nothing (see `check_creatable`).
 
   Raises:
     ValueError: one line naming --workdir and the problem.
@@ -53,19 +52,31 @@ def check_usable(workdir: str) -> None:
   path = os.path.abspath(workdir)
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f"--workdir {workdir} is a file, not a directory")
-  probe = path
+  check_creatable(path, f"--workdir {workdir}")
+
+
+def check_creatable(path: str, label: str) -> None:
+  """Checks that files can be created in `path` or, where it does not exist
+  yet, in its nearest existing ancestor (so it can be made there).
+
+  Writes nothing: writability is probed with an anonymous temporary file
+  (deleted on close, never linked).
+
+  Raises:
+    ValueError: one line starting with `label` (e.g. "--out x"): an
+      ancestor is a file, or the directory is not writable.
+  """
+  probe = os.path.abspath(path)
   while not os.path.isdir(probe):
-    parent = os.path.dirname(probe)
-    if os.path.exists(probe):   # an ancestor that is a file
-      raise ValueError(f"--workdir {workdir}: {probe} is a file, not a "
-                       f"directory")
-    probe = parent
+    if os.path.lexists(probe):   # an ancestor that is a file
+      raise ValueError(f"{label}: {probe} is a file, not a directory")
+    probe = os.path.dirname(probe)
   try:
     with tempfile.TemporaryFile(dir=probe):
       pass
   except OSError as e:
-    raise ValueError(f"--workdir {workdir} is not writable: cannot create "
-                     f"files in {probe} ({e.strerror or e})") from None
+    raise ValueError(f"{label} is not writable: cannot create files in "
+                     f"{probe} ({e.strerror or e})") from None
 
 
 def holder(workdir: str) -> str:
