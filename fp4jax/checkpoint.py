@@ -35,6 +35,7 @@ import re
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -200,6 +201,12 @@ def quiet_orphaned_reads() -> None:
   asyncio_logger = logging_std.getLogger("asyncio")
   if _UNRETRIEVED_FILTER not in asyncio_logger.filters:
     asyncio_logger.addFilter(_UNRETRIEVED_FILTER)
+  # The abandoned reads also leave coroutines of the checkpoint library that
+  # were never awaited; Python warns about each at exit ("sys:1:
+  # RuntimeWarning: coroutine 'Store._get_array_metadatas' was never
+  # awaited", seen under load). fp4jax has no coroutines of its own.
+  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited",
+                          category=RuntimeWarning)
 
 
 def _gather_json(obj: Any) -> list[Any]:
