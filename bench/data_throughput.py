@@ -15,7 +15,7 @@ the step time from --step_time or, when it is 0, measured on this machine
 very batches, one device). Goal: pipeline >= 10x consumption.
 
 Owns: this measurement only. Needs tensorflow_datasets, grain and
-sentencepiece (the data modules), plus jax and fp4jax.train to measure a step.
+sentencepiece (the data modules), plus jax and fp4jax.runconfig to measure a step.
 """
 
 import statistics
@@ -47,10 +47,10 @@ def _measure_step_time(config, it, steps: int) -> float:
   import jax  # pylint: disable=g-import-not-at-top
   from fp4jax import optim  # pylint: disable=g-import-not-at-top
   from fp4jax import sharding  # pylint: disable=g-import-not-at-top
-  from fp4jax import train  # pylint: disable=g-import-not-at-top
+  from fp4jax import runconfig  # pylint: disable=g-import-not-at-top
   from fp4jax import train_state  # pylint: disable=g-import-not-at-top
-  model_cfg = train.model_config(config.model.to_dict(), it.vocab_size)
-  rules, _ = train.quant_rules(config.quant)
+  model_cfg = runconfig.model_config(config.model.to_dict(), it.vocab_size)
+  rules, _ = runconfig.quant_rules(config.quant)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   trainer = train_state.make_trainer(
       model_cfg, rules, optim.OptimConfig(**config.optim.to_dict()),

@@ -20,6 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 1_000        # steps between validation passes (0 = at end)
   c.eval_steps = 20           # batches per validation pass (0 = none)
   c.checkpoint_every = 1_000  # steps between checkpoints (+ end, SIGTERM)
+  c.checkpoint_every_minutes = 0.0  # also save this often (0 = off)
+  c.profile_steps = ""        # "START,END": trace steps START+1..END
   c.keep_checkpoints = 3      # most recent checkpoints kept on disk
   c.telemetry_every = 0       # steps between per-layer quant stats; 0 = off
   c.skip_nonfinite = False    # NaN/inf loss or grad: skip+count, else stop
@@ -62,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.master = "fp32"     # master weights: fp32 | bf16 | fp16
   c.optim.grad_fp8 = False    # quantized projections' grads to FP8 E4M3
   c.optim.proj_lr_scale = 1.0  # LR factor of the block projection kernels
+  c.optim.grad_accum = 1      # microbatches per step (gradient accumulation)
 
   c.distributed = ml_collections.ConfigDict()   # see fp4jax/distributed.py
   c.distributed.coordinator_address = ""  # process 0's host:port; "" = auto
@@ -77,6 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1            # data-parallel size; -1 = devices left over
   c.mesh.fsdp = 1             # parameter-sharding (ZeRO-3) size
   c.mesh.tensor = 1           # tensor-parallel size
+  c.mesh.device_memory_gb = 0.0  # plan must fit this per device (0 = unchecked)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"  # key of fp4jax.data.SOURCES

@@ -4,7 +4,7 @@ Owns: the orbax CheckpointManager under `<workdir>/checkpoints` (async saves,
 keep-N, one save interval), the run description `<workdir>/config.json` and
 the check that a restart targets the same model, and the stop-signal flag
 that lets the train loop save and exit cleanly (`stop_flag`: SIGTERM,
-SIGINT and SIGHUP).
+SIGUSR1, SIGINT and SIGHUP).
 
 Resume order: the latest readable checkpoint in the workdir, else a fresh
 init. A step folder counts only when it is a complete checkpoint: orbax's
@@ -36,7 +36,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -504,7 +504,8 @@ def _diff(saved: dict[str, Any], current: dict[str, Any], prefix: str
   return out
 
 
-def check_run_info(workdir: str, info: dict[str, Any]) -> None:
+def check_run_info(workdir: str, info: dict[str, Any],
+                   execution_fields: Sequence[str] = ()) -> None:
   """Checks that `workdir` was not started with a different model.
 
   `info` is the run description: {"model": {LlamaConfig fields}, "quant":
@@ -516,6 +517,9 @@ def check_run_info(workdir: str, info: dict[str, Any]) -> None:
   Args:
     workdir: the run directory.
     info: the description of the run about to start.
+    execution_fields: "model" keys that say how the model runs, not what
+      it computes (remat, attention kernel): ignored on both sides, so an
+      older config.json that recorded them still matches.
 
   Raises:
     ValueError: one line naming the first mismatching model field.
@@ -524,7 +528,10 @@ def check_run_info(workdir: str, info: dict[str, Any]) -> None:
     return
   saved = read_run_info(workdir)
   current = json.loads(json.dumps(info))   # tuples -> lists, like the file
-  model_diff = _diff(saved.get("model", {}), current["model"], "model.")
+  def identity(model):
+    return {k: v for k, v in model.items() if k not in execution_fields}
+  model_diff = _diff(identity(saved.get("model", {})),
+                     identity(current["model"]), "model.")
   if model_diff:
     key = model_diff[0]
     field = key.split(".", 1)[1]
@@ -581,16 +588,20 @@ class StopFlag(threading.Event):
 
 
 # The signals a run stops on, saving first: SIGTERM (schedulers' preemption
-# notice), SIGINT (Ctrl-C) and SIGHUP (its terminal or ssh session closed,
-# whose default would kill the run unsaved). A SIGHUP already ignored when
-# the block starts (`nohup`) stays ignored: the user asked to survive it.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# notice), SIGUSR1 (the notice a batch script asks for before its time
+# limit, docs/launch/paper.sbatch: its own signal, so the script can tell
+# "stopped for the time limit, requeue" (exit 138) from a preemption or
+# scancel (SIGTERM, exit 143)), SIGINT (Ctrl-C) and SIGHUP (its terminal or
+# ssh session closed, whose default would kill the run unsaved). A SIGHUP
+# already ignored when the block starts (`nohup`) stays ignored: the user
+# asked to survive it.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
 
 @contextlib.contextmanager
 def stop_flag() -> Iterator[StopFlag]:
-  """Within the block, SIGTERM / SIGINT / SIGHUP set the yielded flag
-  instead of killing.
+  """Within the block, SIGTERM / SIGUSR1 / SIGINT / SIGHUP set the yielded
+  flag instead of killing.
 
   The train loop polls the flag, saves a checkpoint and stops. A second
   SIGINT while the flag is set aborts at once (KeyboardInterrupt: Ctrl-C

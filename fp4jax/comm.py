@@ -201,7 +201,7 @@ def data_parallel_grads(loss_sum: Callable[..., tuple[jax.Array, jax.Array]],
                         params: Any, batch: dict[str, jax.Array], *,
                         mesh: jax.sharding.Mesh, batch_axes: tuple[str, ...],
                         grad_dtype: str, args: tuple = (),
-                        param_specs: Any = None
+                        param_specs: Any = None, microbatches: int = 1
                         ) -> tuple[jax.Array, Any]:
   """(mean loss, its gradient) with the gradient reduced in `grad_dtype`.
 
@@ -222,6 +222,10 @@ def data_parallel_grads(loss_sum: Callable[..., tuple[jax.Array, jax.Array]],
     args: further replicated arguments of `loss_sum` (keys).
     param_specs: PartitionSpecs of `params` (its structure); their sharded
       axes must be among `batch_axes`. None = replicated.
+    microbatches: n > 1: each shard's rows are split into n contiguous
+      microbatches (n divides them), run one at a time in a `lax.scan`
+      with their gradients summed in f32, and reduced once; `args` then
+      carry a leading [n] axis, microbatch i getting args[j][i].
 
   Returns:
     The global mean loss (f32 []) and gradient (params' structure and
@@ -247,12 +251,28 @@ def data_parallel_grads(loss_sum: Callable[..., tuple[jax.Array, jax.Array]],
       return sum_over(g, batch_axes, grad_dtype, ways)
     return scatter_over(g, where[0], where[1], batch_axes, grad_dtype, sizes)
 
+  def grads(full, batch, *args):
+    if microbatches == 1:
+      return jax.value_and_grad(loss_sum, has_aux=True)(full, batch, *args)
+    micro = jax.tree.map(lambda x: x.reshape(
+        microbatches, x.shape[0] // microbatches, *x.shape[1:]), batch)
+
+    def body(acc, xs):
+      (nll, tokens), g = jax.value_and_grad(loss_sum, has_aux=True)(
+          full, *xs)
+      return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc,
+                          (nll, tokens, g)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32),
+                         (jnp.zeros([]), jnp.zeros([]), full))
+    (nll, tokens, g), _ = jax.lax.scan(body, zeros, (micro, *args))
+    return (nll, tokens), g
+
   def local(params, batch, *args):
     leaves, treedef = jax.tree.flatten(params)
     full = treedef.unflatten([gather(p, w) for p, w in
                               zip(leaves, flat_layout)])
-    (nll, tokens), g = jax.value_and_grad(loss_sum, has_aux=True)(
-        full, batch, *args)
+    (nll, tokens), g = grads(full, batch, *args)
     count = jax.lax.psum(tokens, batch_axes)
     nll = jax.lax.psum(nll, batch_axes)
     g = treedef.unflatten([reduce(t, w) for t, w in

@@ -22,6 +22,8 @@ Exit codes (one `error:` or `stopped by` line on stderr for every code but 0;
   129  SIGHUP (terminal or ssh session closed): a checkpoint was saved,
        rerun to resume (under `nohup` the run ignores it and goes on)
   130  Ctrl-C: a checkpoint was saved, rerun to resume (twice: abort at once)
+  138  SIGUSR1 (a batch script's notice before its time limit,
+       docs/launch/paper.sbatch): a checkpoint was saved, rerun to resume
   143  SIGTERM (preemption): a checkpoint was saved, rerun to resume
 """
 
@@ -130,6 +132,7 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 from fp4jax import checkpoint  # pylint: disable=g-import-not-at-top
 from fp4jax import distributed  # pylint: disable=g-import-not-at-top
 from fp4jax import llama  # pylint: disable=g-import-not-at-top
+from fp4jax import loop  # pylint: disable=g-import-not-at-top
 from fp4jax import metrics  # pylint: disable=g-import-not-at-top
 from fp4jax import rundir  # pylint: disable=g-import-not-at-top
 from fp4jax import train  # pylint: disable=g-import-not-at-top
@@ -239,9 +242,9 @@ def main(_) -> None:
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= std_logging.WARNING or r.pathname.startswith(
           os.path.dirname(train.__file__)))
-  codes = ((train.Stopped, None), (rundir.WorkdirBusy, EXIT_BUSY),
-           (train.NonFiniteError, EXIT_NONFINITE),
-           (train.TooManySkipped, EXIT_SKIPPED),
+  codes = ((loop.Stopped, None), (rundir.WorkdirBusy, EXIT_BUSY),
+           (loop.NonFiniteError, EXIT_NONFINITE),
+           (loop.TooManySkipped, EXIT_SKIPPED),
            (ValueError, EXIT_ERROR), (OSError, EXIT_ERROR))
   try:
     sys.exit(_run(_CONFIG.value, _WORKDIR.value))
@@ -257,7 +260,7 @@ def main(_) -> None:
     for kind, code in codes:
       if isinstance(e, kind):
         break
-    if isinstance(e, train.Stopped):
+    if isinstance(e, loop.Stopped):
       _say(str(e), e.signum)
       sys.exit(128 + e.signum)
     _say(f"error: {errtext.one_line(e)}")

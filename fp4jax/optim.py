@@ -89,6 +89,10 @@ class OptimConfig:
     proj_lr_scale: multiplies the learning rate (and so the decay step) of
       the block projections' kernels (q/k/v/o, gate/up/down); an
       experiment knob for per-group step sizes, applied by the train step.
+    grad_accum: microbatches per step (>= 1): each device's rows are split
+      into this many, their gradients accumulated in f32 and reduced across
+      devices once per step; the batch, and so the optimisation, is the
+      same, with one microbatch's activations live at a time.
   """
   lr: float = 3e-4
   warmup_frac: float = 0.05
@@ -102,6 +106,7 @@ class OptimConfig:
   master: str = "fp32"
   grad_fp8: bool = False
   proj_lr_scale: float = 1.0
+  grad_accum: int = 1
 
   def __post_init__(self):
     # (key, predicate, requirement) checked in order; first failure raises.
@@ -125,6 +130,10 @@ class OptimConfig:
       if v not in table:
         raise ValueError(f"optim.{key} must be one of {sorted(table)}, "
                          f"got {v!r}")
+    if (not isinstance(self.grad_accum, int) or
+        isinstance(self.grad_accum, bool) or self.grad_accum < 1):
+      raise ValueError(f"optim.grad_accum must be an int >= 1 (microbatches "
+                       f"per step), got {self.grad_accum!r}")
     if not isinstance(self.grad_fp8, bool):
       raise ValueError(f"optim.grad_fp8 must be a bool, got "
                        f"{self.grad_fp8!r}")
@@ -393,29 +402,64 @@ def decay_mask(params: optax.Params) -> Any:
 
 
 def make_optimizer(cfg: OptimConfig, num_steps: int,
-                   fp8_grad_mask: Callable[[Any], Any] | None = None
+                   fp8_grad_mask: Callable[[Any], Any] | None = None,
+                   proj_mask: Callable[[Any], Any] | None = None,
+                   schedule: optax.Schedule | None = None
                    ) -> optax.GradientTransformation:
   """The AdamW of `cfg` as one optax.chain.
 
   Order: gradients to f32 (rounded to FP8 first if cfg.grad_fp8) ->
   clip_by_global_norm -> scale_by_adam_mp -> add_decayed_weights (matrices
-  only, `decay_mask`) -> scale_by_learning_rate(make_schedule). The state
-  has the same structure for every cfg, so checkpoints restore across modes.
-  `fp8_grad_mask` picks the leaves cfg.grad_fp8 rounds (see
-  `round_grads_to_fp8`; None = all).
+  only, `decay_mask`) -> scale_by_learning_rate(schedule) -> the leaves of
+  `proj_mask` scaled by cfg.proj_lr_scale (`_scale_by_learning_rate`,
+  stateless). The state has the same structure for every cfg, so checkpoints
+  restore across modes. `fp8_grad_mask` picks the leaves cfg.grad_fp8
+  rounds (see `round_grads_to_fp8`; None = all).
+
+  Args:
+    cfg: the optimizer settings.
+    num_steps: the schedule's length.
+    fp8_grad_mask: params-shaped tree -> bools, or None.
+    proj_mask: params-shaped tree -> bools: the block projections' kernels
+      (cfg.proj_lr_scale); None = none.
+    schedule: the learning-rate schedule when the caller built it already
+      (`make_schedule(cfg, num_steps)`); None = build it here.
 
   Raises:
     ValueError: the schedule does not fit num_steps.
   """
-  schedule = make_schedule(cfg, num_steps)
-  return optax.chain(
+  if schedule is None:
+    schedule = make_schedule(cfg, num_steps)
+  stages = [
       round_grads_to_fp8(fp8_grad_mask) if cfg.grad_fp8 else _grads_to_f32(),
       optax.clip_by_global_norm(cfg.clip_norm),
       scale_by_adam_mp(cfg.b1, cfg.b2, cfg.eps, mu_dtype=cfg.mu_dtype,
                        nu_dtype=cfg.nu_dtype),
       optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
-      optax.scale_by_learning_rate(schedule),
-  )
+      _scale_by_learning_rate(schedule, proj_mask, cfg.proj_lr_scale),
+  ]
+  return optax.chain(*stages)
+
+
+def _scale_by_learning_rate(schedule: optax.Schedule,
+                            proj_mask: Callable[[Any], Any] | None,
+                            proj_scale: float
+                            ) -> optax.GradientTransformation:
+  """optax.scale_by_learning_rate(schedule), then the `proj_mask` leaves
+  times proj_scale (optax.masked over optax.scale, both stateless). The
+  state is scale_by_learning_rate's own, so the chain's state structure
+  does not depend on proj_scale."""
+  inner = optax.scale_by_learning_rate(schedule)
+  if proj_mask is None or proj_scale == 1.0:
+    return inner
+  extra = optax.masked(optax.scale(proj_scale), proj_mask)
+
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, state, params)
+    updates, _ = extra.update(updates, extra.init(updates), params)
+    return updates, state
+
+  return optax.GradientTransformation(inner.init, update)
 
 
 # ------------------------------------------------------------ master weights

@@ -14,6 +14,7 @@ fp4jax.checkpoint, fp4jax.train, fp4jax.main.
 
 import dataclasses
 import functools
+import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -93,17 +94,89 @@ def _loss(params, graphdef, batch: Batch, key, segment_ids: bool):
   return nll / jnp.maximum(n, 1.0)
 
 
+def microbatch_keys(key: jax.Array, n: int) -> jax.Array:
+  """[n] keys, one per microbatch: independent stochastic rounding."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+
+
+def split_microbatches(batch: Batch, n: int, ways: int) -> dict[str, Any]:
+  """[B, T] rows -> [n, B / n, T] microbatches that move no row between
+  devices.
+
+  The batch's rows are split into `ways` contiguous shards (one per device
+  group of the batch axes); microbatch i takes the i-th of n contiguous
+  chunks of every shard, so each device's rows stay on it. `comm`'s
+  per-shard path splits its local rows the same way.
+
+  Args:
+    batch: arrays of [B, T]; B divisible by ways * n.
+    n: microbatches.
+    ways: row shards (product of the batch mesh axes' sizes).
+
+  Returns:
+    The same keys, each [n, B / n, T].
+  """
+  def split(x):
+    rows = x.shape[0] // (ways * n)
+    x = x.reshape(ways, n, rows, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape(n, ways * rows, *x.shape[3:])
+  return {k: split(v) for k, v in batch.items()}
+
+
+def _accumulated_grads(grad_params, graphdef, batch: Batch, key, *,
+                       segment_ids: bool, n: int, ways: int,
+                       row_spec: PartitionSpec):
+  """(mean loss, f32 gradient) of the whole batch, as a `lax.scan` over n
+  microbatches (optim.grad_accum): one microbatch's activations are live at
+  a time.
+
+  Each microbatch's loss is its nll sum over the whole batch's target
+  count, so the gradients add up to the one-batch gradient (up to the
+  order of the f32 sums) and the backward sees the same cotangent scale.
+  Microbatch i draws its stochastic rounding from fold_in(key, i).
+  """
+  micro = split_microbatches(batch, n, ways)
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    micro = {k: jax.lax.with_sharding_constraint(
+        v, NamedSharding(mesh, PartitionSpec(None, *row_spec)))
+             for k, v in micro.items()}
+  denom = jnp.maximum(jnp.sum(batch["mask"].astype(jnp.float32)), 1.0)
+
+  def micro_loss(params, rows, k):
+    nll, _ = _nll_sum(params, graphdef, rows, k, segment_ids)
+    return nll / denom
+
+  def body(acc, xs):
+    rows, k = xs
+    loss, g = jax.value_and_grad(micro_loss)(grad_params, rows, k)
+    acc_loss, acc_g = acc
+    acc_g = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc_g, g)
+    return (acc_loss + loss, acc_g), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32),
+                       grad_params)
+  (loss, grads), _ = jax.lax.scan(
+      body, (jnp.zeros([], jnp.float32), zeros),
+      (micro, microbatch_keys(key, n)))
+  return loss, grads
+
+
 def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
                tx: optax.GradientTransformation, optim_cfg: Any,
                schedule: Callable[[jax.Array], jax.Array],
                skip_nonfinite: bool = False, segment_ids: bool = False,
                metrics_fn: Callable[..., Mapping[str, Any]] | None = None,
-               proj_mask: Callable[[Any], Any] | None = None,
                comm_dtype: str = "float32",
                comm_axes: tuple[str, ...] = ("data", "fsdp"),
                comm_specs: Any = None
                ) -> tuple[TrainState, dict[str, Any]]:
   """One optimizer step on a global batch.
+
+  With optim_cfg.grad_accum = n > 1 the batch's gradient is accumulated
+  over n microbatches (`_accumulated_grads`; with a low-precision
+  comm_dtype inside `comm.data_parallel_grads`), in f32, and reduced
+  across devices once.
 
   Args:
     state: the current TrainState.
@@ -118,7 +191,6 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
     segment_ids: pass batch["segment_ids"] to the model (packed documents).
     metrics_fn: optional (params=, grads=) -> nested dict of scalars merged
       into the metrics (per-layer telemetry).
-    proj_mask: `projection_mask`, for optim_cfg.proj_lr_scale.
     comm_dtype: comm.grad_dtype: what the gradient reduction moves.
     comm_axes: the mesh axes the batch rows are split over.
     comm_specs: PartitionSpecs of the params (FSDP: the gradient is
@@ -132,20 +204,28 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
   key = jax.random.fold_in(state.rng, state.step)
   model_key, round_key = jax.random.split(key)
   grad_params = optim.params_for_grad(state.params, optim_cfg)
-  if comm_dtype == "float32":
+  n = optim_cfg.grad_accum
+  if comm_dtype == "float32" and n == 1:
     loss, grads = jax.value_and_grad(_loss)(grad_params, graphdef, batch,
                                             model_key, segment_ids)
+  elif comm_dtype == "float32":
+    mesh = jax.sharding.get_abstract_mesh()
+    ways = 1 if mesh.empty else math.prod(mesh.shape[a] for a in comm_axes)
+    loss, grads = _accumulated_grads(
+        grad_params, graphdef, batch, model_key, segment_ids=segment_ids,
+        n=n, ways=ways, row_spec=(comm_axes,) if comm_axes else ())
   else:
-    # Per-shard gradients, reduced moving `comm_dtype` (fp4jax.comm).
+    # Per-shard gradients (accumulated over microbatches), reduced once,
+    # moving `comm_dtype` (fp4jax.comm).
     def loss_sum(params, rows, key):
       return _nll_sum(params, graphdef, rows, key, segment_ids)
+    keys = (model_key,) if n == 1 else (microbatch_keys(model_key, n),)
     loss, grads = comm.data_parallel_grads(
         loss_sum, grad_params, batch, mesh=jax.sharding.get_abstract_mesh(),
-        batch_axes=comm_axes, grad_dtype=comm_dtype, args=(model_key,),
-        param_specs=comm_specs)
+        batch_axes=comm_axes, grad_dtype=comm_dtype, args=keys,
+        param_specs=comm_specs, microbatches=n)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  updates = _scale_projection_updates(updates, optim_cfg, proj_mask)
   # The key makes low-memory (2-byte) master weights round stochastically,
   # so updates below half an ulp still count in expectation.
   params = optim.apply_updates(state.params, updates, optim_cfg, round_key)
@@ -267,18 +347,25 @@ class Trainer:
             for k in BATCH_KEYS}
 
 
-def _weight_blocks(model_cfg: llama.LlamaConfig,
-                   quant_rules: Sequence[tuple[str, Any]] | None
-                   ) -> dict[str, dict[int, int]]:
-  """{kernel path: {dim: block}} of the block-scaled weight operands.
+def layer_table(model_cfg: llama.LlamaConfig,
+                quant_rules: Sequence[tuple[str, Any]] | None
+                ) -> dict[str, Any]:
+  """{projection path: Recipe or None}: the layer rules resolved over the
+  model's projection paths (`qconfig.resolve_rules`), once per trainer."""
+  paths = llama.projection_paths(model_cfg)
+  if not quant_rules:
+    return dict.fromkeys(paths)
+  return qconfig.resolve_rules(paths, quant_rules)
+
+
+def _weight_blocks(table: Mapping[str, Any]) -> dict[str, dict[int, int]]:
+  """{kernel path: {dim: block}} of the block-scaled weight operands of a
+  `layer_table`.
 
   The forward scales w [K, N] along its `axis`; hardware-faithful recipes
   re-scale it along N for dgrad too.
   """
-  if not quant_rules:
-    return {}
   out = {}
-  table = qconfig.resolve_rules(llama.projection_paths(model_cfg), quant_rules)
   for path, r in table.items():
     if r is None or r.w is None or not r.w.block:
       continue
@@ -300,13 +387,9 @@ def kernel_mask(kernels: frozenset[str]) -> Callable[[Any], Any]:
   return mask
 
 
-def fp8_grad_mask(model_cfg: llama.LlamaConfig,
-                  quant_rules: Sequence[tuple[str, Any]] | None
-                  ) -> Callable[[Any], Any]:
-  """True on the kernels of quantized projections: the weight gradients
-  the paper keeps in FP8 (RECIPE §6)."""
-  table = (qconfig.resolve_rules(llama.projection_paths(model_cfg),
-                                 quant_rules) if quant_rules else {})
+def fp8_grad_mask(table: Mapping[str, Any]) -> Callable[[Any], Any]:
+  """True on the kernels of a `layer_table`'s quantized projections: the
+  weight gradients the paper keeps in FP8 (RECIPE §6)."""
   return kernel_mask(frozenset(f"{p}.kernel" for p, r in table.items()
                                if r is not None and r.quantizes))
 
@@ -319,14 +402,6 @@ def projection_mask(model_cfg: llama.LlamaConfig) -> Callable[[Any], Any]:
                                if rx.fullmatch(p)))
 
 
-def _scale_projection_updates(updates, optim_cfg, proj_mask):
-  if proj_mask is None or optim_cfg.proj_lr_scale == 1.0:
-    return updates
-  return jax.tree.map(
-      lambda u, m: u * optim_cfg.proj_lr_scale if m else u, updates,
-      proj_mask(updates))
-
-
 def _axes(entry: Any) -> tuple[str, ...]:
   """A PartitionSpec entry as a tuple of mesh axis names."""
   return (entry,) if isinstance(entry, str) else tuple(entry or ())
@@ -336,7 +411,7 @@ def check_fit(model_cfg: llama.LlamaConfig,
               quant_rules: Sequence[tuple[str, Any]] | None, *,
               mesh: jax.sharding.Mesh, global_batch: int, seq_len: int,
               logical_rules: sharding.Rules = sharding.LOGICAL_RULES,
-              comm_dtype: str = "float32") -> Any:
+              comm_dtype: str = "float32", grad_accum: int = 1) -> Any:
   """Checks that the model, batch and sequence fit the mesh; compiles nothing.
 
   The checks of `make_trainer` that need no compilation (shapes only, by
@@ -362,21 +437,30 @@ def check_fit(model_cfg: llama.LlamaConfig,
     raise ValueError(f"data.global_batch={global_batch} is not divisible by "
                      f"the {batch_ways} batch shards of the mesh "
                      f"{dict(mesh.shape)}")
+  rows = global_batch // batch_ways
+  if rows % grad_accum:
+    raise ValueError(f"optim.grad_accum={grad_accum} does not divide the "
+                     f"{rows} rows each of the {batch_ways} batch shards "
+                     f"gets (data.global_batch={global_batch}); use a "
+                     f"divisor of {rows}")
   abstract_model = nnx.eval_shape(lambda: llama.Llama(
       model_cfg, rules=quant_rules, rngs=nnx.Rngs(params=jax.random.key(0))))
   _, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
-  sharding.check_divisible(abstract_params, mesh, logical_rules,
-                           blocks=_weight_blocks(model_cfg, quant_rules))
+  sharding.check_divisible(
+      abstract_params, mesh, logical_rules,
+      blocks=_weight_blocks(layer_table(model_cfg, quant_rules)))
   return abstract_model
 
 
 def _state_layout(abstract_model: Any, model_cfg: llama.LlamaConfig,
                   quant_rules: Sequence[tuple[str, Any]] | None,
                   optim_cfg: Any, *, num_steps: int, mesh: jax.sharding.Mesh,
-                  seed: int, logical_rules: sharding.Rules):
+                  seed: int, logical_rules: sharding.Rules,
+                  schedule: Any = None):
   """(tx, init, graphdef, abstract sharded TrainState, its shardings)."""
-  tx = optim.make_optimizer(optim_cfg, num_steps,
-                            fp8_grad_mask(model_cfg, quant_rules))
+  tx = optim.make_optimizer(
+      optim_cfg, num_steps, fp8_grad_mask(layer_table(model_cfg, quant_rules)),
+      proj_mask=projection_mask(model_cfg), schedule=schedule)
 
   def build_model(key):
     return llama.Llama(model_cfg, rules=quant_rules,
@@ -407,19 +491,25 @@ def abstract_state(model_cfg: llama.LlamaConfig,
                    quant_rules: Sequence[tuple[str, Any]] | None,
                    optim_cfg: Any, *, num_steps: int, mesh: jax.sharding.Mesh,
                    seed: int = 0,
-                   logical_rules: sharding.Rules = sharding.LOGICAL_RULES
-                   ) -> tuple[Any, Any]:
+                   logical_rules: sharding.Rules = sharding.LOGICAL_RULES,
+                   abstract_model: Any = None) -> tuple[Any, Any]:
   """(graphdef, abstract TrainState) of a run, compiling nothing.
 
   What a checkpoint of that run restores into (`checkpoint.Checkpointer`)
   without building a Trainer: evaluation and export.
 
+  Args:
+    abstract_model: `check_fit`'s result when the caller has it (else
+      built here).
+
   Returns:
     The model's nnx GraphDef and a TrainState of `jax.ShapeDtypeStruct`s
     carrying their shardings on `mesh`.
   """
-  abstract_model = nnx.eval_shape(lambda: llama.Llama(
-      model_cfg, rules=quant_rules, rngs=nnx.Rngs(params=jax.random.key(0))))
+  if abstract_model is None:
+    abstract_model = nnx.eval_shape(lambda: llama.Llama(
+        model_cfg, rules=quant_rules,
+        rngs=nnx.Rngs(params=jax.random.key(0))))
   _, _, graphdef, abstract, _ = _state_layout(
       abstract_model, model_cfg, quant_rules, optim_cfg, num_steps=num_steps,
       mesh=mesh, seed=seed, logical_rules=logical_rules)
@@ -463,12 +553,14 @@ def make_trainer(model_cfg: llama.LlamaConfig,
   abstract_model = check_fit(model_cfg, quant_rules, mesh=mesh,
                              global_batch=global_batch, seq_len=seq_len,
                              logical_rules=logical_rules,
-                             comm_dtype=comm_dtype)
+                             comm_dtype=comm_dtype,
+                             grad_accum=optim_cfg.grad_accum)
   batch_sh = sharding.batch_sharding(mesh, logical_rules)
+  schedule = optim.make_schedule(optim_cfg, num_steps)
   tx, init, graphdef, abstract, state_sh = _state_layout(
       abstract_model, model_cfg, quant_rules, optim_cfg,
-      num_steps=num_steps, mesh=mesh, seed=seed, logical_rules=logical_rules)
-  schedule = optim.make_schedule(optim_cfg, num_steps)
+      num_steps=num_steps, mesh=mesh, seed=seed, logical_rules=logical_rules,
+      schedule=schedule)
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract_batch = {k: jax.ShapeDtypeStruct((global_batch, seq_len),
                                             BATCH_DTYPES[k], sharding=batch_sh)
@@ -476,8 +568,7 @@ def make_trainer(model_cfg: llama.LlamaConfig,
   step_fn = functools.partial(
       train_step, graphdef=graphdef, tx=tx, optim_cfg=optim_cfg,
       schedule=schedule, skip_nonfinite=skip_nonfinite,
-      segment_ids=segment_ids, metrics_fn=metrics_fn,
-      proj_mask=projection_mask(model_cfg), comm_dtype=comm_dtype,
+      segment_ids=segment_ids, metrics_fn=metrics_fn, comm_dtype=comm_dtype,
       comm_axes=_axes(batch_sh.spec[0]),
       comm_specs=jax.tree.map(lambda sh: sh.spec, state_sh.params))
   eval_fn = functools.partial(eval_step, graphdef=graphdef,

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import demo
 from fp4jax import comm
+from fp4jax import runconfig
 from fp4jax import sharding
 from fp4jax import train
 import harness
@@ -254,8 +255,8 @@ def _config(grad_dtype, steps, fsdp=1):
 @functools.lru_cache(maxsize=None)
 def _trainer(grad_dtype, steps, fsdp=1):
   cfg = _config(grad_dtype, steps, fsdp)
-  model_cfg = train.model_config(cfg.model.to_dict(), cfg.data.vocab_size)
-  rules, _ = train.quant_rules(cfg.quant)
+  model_cfg = runconfig.model_config(cfg.model.to_dict(), cfg.data.vocab_size)
+  rules, _ = runconfig.quant_rules(cfg.quant)
   return train._make_trainer(  # pylint: disable=protected-access
       model_cfg, rules, train.optim.OptimConfig(**cfg.optim.to_dict()),
       num_steps=steps, mesh=sharding.make_mesh(8 // fsdp, fsdp, 1),

@@ -18,6 +18,7 @@ import pytest
 from configs import default
 from fp4jax import llama
 from fp4jax import optim
+from fp4jax import runconfig
 from fp4jax import train
 import harness
 
@@ -71,9 +72,9 @@ def test_default_sections_equal_the_dataclass_fields():
 def test_config_builds_and_converts(name):
   module = importlib.import_module(name)
   cfg = module.get_config()
-  model_cfg = train.model_config(cfg.model.to_dict(), cfg.data.vocab_size)
+  model_cfg = runconfig.model_config(cfg.model.to_dict(), cfg.data.vocab_size)
   assert model_cfg.vocab_size == cfg.data.vocab_size
-  train.quant_rules(cfg.quant)
+  runconfig.quant_rules(cfg.quant)
   optim.validate_schedule(optim.OptimConfig(**cfg.optim.to_dict()),
                           cfg.num_steps)
   assert cfg.data.seq_len <= model_cfg.max_seq_len

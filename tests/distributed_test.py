@@ -141,14 +141,14 @@ def test_a_checkpoint_restores_onto_other_meshes_and_trains_on(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import demo  # pylint: disable=g-import-not-at-top
-  from fp4jax import checkpoint, data, optim, sharding, train  # pylint: disable=g-import-not-at-top
+  from fp4jax import checkpoint, data, optim, runconfig, sharding  # pylint: disable=g-import-not-at-top
   from fp4jax import train_state  # pylint: disable=g-import-not-at-top
   import harness  # pylint: disable=g-import-not-at-top
   cfg = demo.get_config("smoke,recipe=bf16")
   cfg.model.n_layers = 1
   cfg.model.compute_dtype = "float32"
-  model_cfg = train.model_config(cfg.model.to_dict(), cfg.data.vocab_size)
-  rules, _ = train.quant_rules(cfg.quant)
+  model_cfg = runconfig.model_config(cfg.model.to_dict(), cfg.data.vocab_size)
+  rules, _ = runconfig.quant_rules(cfg.quant)
 
   def trainer(mesh):
     return train_state.make_trainer(

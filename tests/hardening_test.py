@@ -244,6 +244,12 @@ def test_the_lock_of_a_killed_run_is_not_stale(tmp_path):
     ((SMOKE, "--workdir=W", "--config.quant.recipe=mxfp4",
       "--config.model.d_ff=48"),
      "(48 % 32 = 16)"),
+    ((SMOKE, "--workdir=W", "--config.optim.grad_accum=3"),
+     "optim.grad_accum=3 does not divide the "),
+    ((SMOKE, "--workdir=W", "--config.profile_steps=5"),
+     "profile_steps must be 'START,END'"),
+    ((SMOKE, "--workdir=W", "--config.checkpoint_every_minutes=-1"),
+     "checkpoint_every_minutes must be a number >= 0"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, match):
   (tmp_path / "bad.py").write_text("def get_config(:\n")

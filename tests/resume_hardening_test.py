@@ -29,6 +29,7 @@ from fp4jax import checkpoint
 from fp4jax import data
 from fp4jax import optim
 from fp4jax import rundir
+from fp4jax import runconfig
 from fp4jax import sharding
 from fp4jax import train
 from fp4jax import train_state
@@ -62,11 +63,11 @@ def test_changed_moment_storage_is_reencoded_to_the_formats_precision(
   from fp4jax import recast  # pylint: disable=g-import-not-at-top
   workdir, step = str(base_run), 6
   cfg = smoke_run.config(**{"optim.moments": "paper", "optim.master": "bf16"})
-  model_cfg = train.model_config(cfg.model.to_dict(), cfg.data.vocab_size)
-  rules, _ = train.quant_rules(cfg.quant, model_cfg.n_layers)
+  model_cfg = runconfig.model_config(cfg.model.to_dict(), cfg.data.vocab_size)
+  rules, _ = runconfig.quant_rules(cfg.quant, model_cfg.n_layers)
   _, new = train_state.abstract_state(
       model_cfg, rules, optim.OptimConfig(**cfg.optim.to_dict()),
-      num_steps=cfg.num_steps, mesh=sharding.make_mesh(**cfg.mesh.to_dict()))
+      num_steps=cfg.num_steps, mesh=sharding.make_mesh(**runconfig.mesh_axes(cfg)))
   stored = recast.stored_leaves(workdir, step)
   lines = recast.check(stored, new, step=step, where=workdir)
   assert lines == ["optim.master: weights float32 -> bfloat16 (rounded to "
@@ -150,12 +151,12 @@ def test_quant_switch_back_steps_are_labelled_switched():
   quant = {"recipe": "nvfp4", "overrides": {}, "rules": (),
            "switch_back": 0.25, "switch_back_mode": "forward"}
   # 8 steps, the last 2 switched: checkpoint 6 was trained unswitched.
-  _, label = train.rules_at_step(quant, 8, 2, 6)
+  _, label = runconfig.rules_at_step(quant, 8, 2, 6)
   assert label == "nvfp4"
-  rules, label = train.rules_at_step(quant, 8, 2, 7)
+  rules, label = runconfig.rules_at_step(quant, 8, 2, 7)
   assert label == "nvfp4+bf16_forward"
   assert all(r is None or r.x is None for _, r in rules)
-  _, label = train.rules_at_step({**quant, "switch_back_mode": "all"}, 8, 2,
+  _, label = runconfig.rules_at_step({**quant, "switch_back_mode": "all"}, 8, 2,
                                  8)
   assert label == "bf16"
 

@@ -17,10 +17,12 @@ from configs import demo
 from fp4jax import data
 from fp4jax import flops
 from fp4jax import llama
+from fp4jax import loop
 from fp4jax import metrics
 from fp4jax import optim
 from fp4jax import qconfig
 from fp4jax import qdot
+from fp4jax import runconfig
 from fp4jax import sharding
 from fp4jax import sizes
 from fp4jax import train
@@ -57,8 +59,8 @@ def _config(**updates):
 
 
 def _trainer(cfg, mesh):
-  model_cfg = train.model_config(cfg.model.to_dict(), cfg.data.vocab_size)
-  rules, _ = train.quant_rules(cfg.quant)
+  model_cfg = runconfig.model_config(cfg.model.to_dict(), cfg.data.vocab_size)
+  rules, _ = runconfig.quant_rules(cfg.quant)
   return train_state.make_trainer(
       model_cfg, rules, optim.OptimConfig(**cfg.optim.to_dict()),
       num_steps=cfg.num_steps, mesh=mesh,
@@ -163,14 +165,16 @@ def test_fp8_grads_cover_exactly_the_quantized_projection_kernels():
   rules = qconfig.default_rules("fp4_paper")
   params = nnx.state(nnx.eval_shape(lambda: llama.Llama(
       model_cfg, rules=rules, rngs=nnx.Rngs(0))), nnx.Param)
-  mask = train_state.fp8_grad_mask(model_cfg, rules)(params)
+  mask = train_state.fp8_grad_mask(
+      train_state.layer_table(model_cfg, rules))(params)
   chosen = {sharding.path_str(p).removesuffix(".value") for p, m in
             jax.tree_util.tree_flatten_with_path(mask)[0] if m}
   want = {f"{p}.kernel" for p in llama.projection_paths(model_cfg)
           if p != "lm_head"}
   assert chosen == want
   # Unquantized runs round nothing.
-  none = train_state.fp8_grad_mask(model_cfg, qconfig.default_rules("bf16"))
+  none = train_state.fp8_grad_mask(train_state.layer_table(
+      model_cfg, qconfig.default_rules("bf16")))
   assert not any(jax.tree.leaves(none(params)))
 
 
@@ -179,11 +183,24 @@ def test_proj_lr_scale_scales_exactly_the_projection_kernels():
   params = nnx.state(nnx.eval_shape(lambda: llama.Llama(
       model_cfg, rules=(), rngs=nnx.Rngs(0))), nnx.Param)
   ones = jax.tree.map(lambda a: np.ones(a.shape, np.float32), params)
-  cfg = optim.OptimConfig(proj_lr_scale=0.5)
-  out = train_state._scale_projection_updates(   # pylint: disable=W0212
-      ones, cfg, train_state.projection_mask(model_cfg))
-  got = {sharding.path_str(p).removesuffix(".value"): float(np.max(v))
-         for p, v in jax.tree_util.tree_flatten_with_path(out)[0]}
+  mask = train_state.projection_mask(model_cfg)
+
+  def update(scale):
+    cfg = optim.OptimConfig(proj_lr_scale=scale, warmup_frac=0.0)
+    tx = optim.make_optimizer(cfg, 10, proj_mask=mask)
+    state = tx.init(ones)
+    out, _ = tx.update(ones, state, ones)
+    return out, jax.tree.structure(state)
+
+  half, half_state = update(0.5)
+  full, full_state = update(1.0)
+  # Inside the optax chain, with no state of its own: checkpoints restore
+  # across proj_lr_scale values.
+  assert half_state == full_state
+  ratio = jax.tree.map(lambda a, b: float(np.max(np.asarray(a) /
+                                                 np.asarray(b))), half, full)
+  got = {sharding.path_str(p).removesuffix(".value"): v
+         for p, v in jax.tree_util.tree_flatten_with_path(ratio)[0]}
   proj = {f"{p}.kernel" for p in llama.projection_paths(model_cfg)
           if p != "lm_head"}
   assert {k for k, v in got.items() if v == 0.5} == proj
@@ -191,7 +208,7 @@ def test_proj_lr_scale_scales_exactly_the_projection_kernels():
 
 
 def test_flops_and_peaks():
-  cfg = train.model_config(_config().model.to_dict(), 256)
+  cfg = runconfig.model_config(_config().model.to_dict(), 256)
   d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
   kv = cfg.n_kv_heads * cfg.head_dim
   want = 2 * d * d + 2 * d * kv + 3 * d * f + d * v
@@ -218,9 +235,28 @@ def _records(workdir):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+  # Profiled (steps 2-3), which must change nothing the resume test compares.
   workdir = tmp_path_factory.mktemp("full")
-  state = train.train_and_evaluate(_config(), str(workdir))
+  state = train.train_and_evaluate(_config(profile_steps="1,3"),
+                                   str(workdir))
   return workdir, _host(state)
+
+
+def test_profile_steps_write_a_trace_tensorboard_and_perfetto_read(
+    uninterrupted):
+  workdir, _ = uninterrupted
+  root = workdir / loop.PROFILE_DIR
+  assert list(root.glob("plugins/profile/*/*.xplane.pb"))   # TensorBoard
+  assert list(root.glob("plugins/profile/*/*.trace.json.gz"))   # Perfetto
+
+
+def test_checkpoint_every_minutes_saves_between_step_intervals(tmp_path):
+  # Due after every step (a microsecond), though checkpoint_every is far.
+  cfg = _config(checkpoint_every=100, keep_checkpoints=10,
+                checkpoint_every_minutes=1e-8, eval_steps=0)
+  train.train_and_evaluate(cfg, str(tmp_path))
+  from fp4jax import checkpoint  # pylint: disable=g-import-not-at-top
+  assert checkpoint.complete_steps(str(tmp_path)) == [1, 2, 3, 4]
 
 
 def test_metrics_records_have_required_keys(uninterrupted):
@@ -292,7 +328,7 @@ def test_nonfinite_stops_naming_step_and_keeps_good_checkpoints(
   del uninterrupted  # only for its compiled trainer (same shapes)
   monkeypatch.setitem(data.SOURCES, "nan_at_2", __name__)
   cfg = _config(**{"data.source": "nan_at_2", "checkpoint_every": 1})
-  with pytest.raises(train.NonFiniteError, match=r"^step 3: loss is nan"):
+  with pytest.raises(loop.NonFiniteError, match=r"^step 3: loss is nan"):
     train.train_and_evaluate(cfg, str(tmp_path))
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
   assert steps == [1, 2]
@@ -430,18 +466,18 @@ _FP4 = {"quant.recipe": "fp4_paper"}
 
 
 def test_switch_back_step_and_rules():
-  assert train.switch_back_step({"switch_back": 0.1}, 1000) == 900
-  assert train.switch_back_step({"switch_back": 0.0}, 1000) is None
-  assert train.switch_back_step({}, 10) is None
+  assert runconfig.switch_back_step({"switch_back": 0.1}, 1000) == 900
+  assert runconfig.switch_back_step({"switch_back": 0.0}, 1000) is None
+  assert runconfig.switch_back_step({}, 10) is None
   with pytest.raises(ValueError, match="quant.switch_back must"):
-    train.switch_back_step({"switch_back": 1.0}, 10)
+    runconfig.switch_back_step({"switch_back": 1.0}, 10)
   with pytest.raises(ValueError, match="quant.switch_back_mode"):
-    train.switch_back_step({"switch_back": 0.5, "switch_back_mode": "x"}, 10)
+    runconfig.switch_back_step({"switch_back": 0.5, "switch_back_mode": "x"}, 10)
   rules = qconfig.default_rules("fp4_paper")
-  (_, fwd), = train.switched_rules(rules, "forward")
+  (_, fwd), = runconfig.switched_rules(rules, "forward")
   assert fwd.x is fwd.w is fwd.occ_alpha is fwd.dge_k is None
   assert fwd.g_dgrad == qdot.get_recipe("fp4_paper").g_dgrad
-  assert train.switched_rules(rules, "all") == ((rules[0][0], None),)
+  assert runconfig.switched_rules(rules, "all") == ((rules[0][0], None),)
 
 
 def test_switch_back_runs_bf16_forward_late_and_resumes_at_the_switch(

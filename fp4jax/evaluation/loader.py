@@ -32,7 +32,7 @@ from fp4jax import llama
 from fp4jax import optim
 from fp4jax import runrecord
 from fp4jax import sharding
-from fp4jax import train
+from fp4jax import runconfig
 from fp4jax import train_state
 from fp4jax.data import pipeline
 from fp4jax.data import tokenizer as tokenizer_lib
@@ -147,13 +147,13 @@ def load(workdir: str, step: int | None = None, precision: str = "train",
   run_config = info["config"]
   try:
     trained_cfg = llama.LlamaConfig(**_key(info, "model", where))
-    rules, recipe = train.quant_rules(_key(info, "config.quant", where),
+    rules, recipe = runconfig.quant_rules(_key(info, "config.quant", where),
                                       trained_cfg.n_layers)
     optim_cfg = optim.OptimConfig(**_key(info, "config.optim", where))
     num_steps = _key(info, "config.num_steps", where)
     seed = _key(info, "config.seed", where)
     source = _key(info, "config.data", where).get("source", "?")
-  except KeyError as e:   # a key train.quant_rules reads
+  except KeyError as e:   # a key runconfig.quant_rules reads
     raise ValueError(f"{where} has no key 'config.quant.{e.args[0]}': not a "
                      f"run description this fp4jax can load") from None
   except (TypeError, AttributeError) as e:  # wrong fields or kinds
@@ -184,7 +184,7 @@ def load(workdir: str, step: int | None = None, precision: str = "train",
   # The step read may be an older one (the newest was unreadable); past
   # quant.switch_back its last steps ran the switched-back forward.
   run_config = runrecord.config_at_step(workdir, step)
-  rules, recipe_label = train.rules_at_step(
+  rules, recipe_label = runconfig.rules_at_step(
       run_config["quant"], run_config["num_steps"], trained_cfg.n_layers,
       step)
   params = optim.params_for_grad(state.params, optim_cfg)
