@@ -90,9 +90,12 @@ class OptimConfig:
       the block projections' kernels (q/k/v/o, gate/up/down); an
       experiment knob for per-group step sizes, applied by the train step.
     grad_accum: microbatches per step (>= 1): each device's rows are split
-      into this many, their gradients accumulated in f32 and reduced across
-      devices once per step; the batch, and so the optimisation, is the
-      same, with one microbatch's activations live at a time.
+      into this many, their gradients accumulated in f32; the batch, and so
+      the optimisation, is the same, with one microbatch's activations live
+      at a time. Reduced across devices once per step, except with sharded
+      parameters (fsdp / tensor) and f32 communication, where each
+      microbatch's gradient is reduce-scattered onto the shards (see
+      `train_state.train_step`).
   """
   lr: float = 3e-4
   warmup_frac: float = 0.05

@@ -205,11 +205,20 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
   model_key, round_key = jax.random.split(key)
   grad_params = optim.params_for_grad(state.params, optim_cfg)
   n = optim_cfg.grad_accum
-  if comm_dtype == "float32" and n == 1:
+  mesh = jax.sharding.get_abstract_mesh()
+  # Replicated parameters (no fsdp / tensor axis): accumulating inside
+  # fp4jax.comm's per-shard step costs no memory and reduces once per step.
+  # With sharded parameters XLA's accumulation keeps gradients sharded and
+  # so reduce-scatters each microbatch's: an unreduced full-size f32
+  # accumulator per device is what FSDP exists to avoid.
+  replicated = mesh.empty or all(mesh.shape[a] == 1 for a in mesh.axis_names
+                                 if a not in comm_axes)
+  per_shard = comm_dtype != "float32" or (n > 1 and replicated
+                                          and not mesh.empty)
+  if not per_shard and n == 1:
     loss, grads = jax.value_and_grad(_loss)(grad_params, graphdef, batch,
                                             model_key, segment_ids)
-  elif comm_dtype == "float32":
-    mesh = jax.sharding.get_abstract_mesh()
+  elif not per_shard:
     ways = 1 if mesh.empty else math.prod(mesh.shape[a] for a in comm_axes)
     loss, grads = _accumulated_grads(
         grad_params, graphdef, batch, model_key, segment_ids=segment_ids,

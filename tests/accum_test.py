@@ -5,6 +5,8 @@ every gradient leaf, on a sharded mesh, in f32 compute. Each trainer is
 compiled once per module (tiny model, 2 layers).
 """
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -96,6 +98,17 @@ def mesh():
   return sharding.make_mesh(2, 2, 1, devices=jax.devices()[:4])
 
 
+def _collectives(hlo: str) -> dict[str, int]:
+  """{computation header: number of cross-device collectives in it}."""
+  out = {}
+  for comp in re.split(r"\n(?=\S.*\{\n)", hlo):
+    head = comp.split("\n", 1)[0]
+    out[head] = len(re.findall(
+        r" (?:all-reduce|reduce-scatter|all-gather|collective-permute)"
+        r"(?:-start)?\(", comp))
+  return out
+
+
 # fp4_paper with its per-tensor E5M2 gradient scales made per-row: every
 # scale then depends on one row, as the paper's per-token activation and
 # per-channel weight scales, DGE and OCC do; see the next test for the
@@ -110,6 +123,22 @@ def test_microbatches_equal_one_batch(mesh, recipe, overrides):
   want = _step(_trainer(recipe, 1, mesh, **overrides), batch)
   got = _step(_trainer(recipe, 4, mesh, **overrides), batch)
   _assert_same(got, want)
+
+
+def test_replicated_params_reduce_once_per_step_not_per_microbatch():
+  """Pure data parallelism: the microbatch loop (the while body) moves
+  nothing between devices; the one reduction is outside it."""
+  data_only = sharding.make_mesh(4, 1, 1, devices=jax.devices()[:4])
+  batch = _batch()
+  one = _trainer("bf16", 1, data_only)
+  four = _trainer("bf16", 4, data_only)
+  _assert_same(_step(four, batch), _step(one, batch))
+  counts = _collectives(four.train_step.as_text())
+  loops = {h: k for h, k in counts.items() if "ENTRY" not in h and k}
+  entry = sum(k for h, k in counts.items() if "ENTRY" in h)
+  # (With fsdp=2 the loop body holds the per-microbatch all-gathers and
+  # reduce-scatters: this assertion is what tells the two apart.)
+  assert entry > 0 and not loops, loops
 
 
 def test_low_precision_communication_accumulates_then_reduces_once(mesh):
