@@ -43,6 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.compute_dtype = "bfloat16"  # activations and matmul operands
   c.model.param_dtype = "float32"     # dtype parameters are created in
   c.model.attention = "auto"  # cudnn on GPU w/o segment_ids, else xla | xla | cudnn
+  c.model.remat = "none"      # saved for the backward: none|full|dots|dots_no_batch|quantized
+  c.model.scan_layers = False  # decoder stack as one lax.scan (compile time)
 
   c.quant = ml_collections.ConfigDict()
   c.quant.recipe = "bf16"     # fp4jax.qconfig.RECIPES name (fp4_paper, ...)

@@ -1,7 +1,8 @@
 """LLaMA decoder in Flax NNX with one quantization seam.
 
 Owns: `LlamaConfig` (frozen, validated), the modules (QDense, RMSNorm,
-Attention with GQA, SwiGLU MLP, Block, Llama) and `apply_rope`.
+Attention with GQA, SwiGLU MLP, Block, Llama), `apply_rope`, and the
+rematerialisation policies the blocks run under (`REMAT_POLICIES`).
 
 Every weight matmul (q/k/v/o, gate/up/down, lm_head) goes through `qdense`,
 the single seam where a `qconfig.Recipe` chosen by regex rules over the
@@ -14,6 +15,7 @@ Must not import: ml_collections, tensorflow_datasets, grain, or fp4jax
 modules to the right of this one (optim, data, checkpoint, train, main).
 """
 
+import contextvars
 import dataclasses
 import functools
 import math
@@ -34,6 +36,33 @@ INIT_STD = 0.02  # GPT-2 / LLaMA-style init for embeddings and projections.
 
 
 ATTENTIONS = ("auto", "xla", "cudnn")
+
+# LlamaConfig.remat -> the jax.checkpoint policy each decoder block runs
+# under (None: no rematerialisation). What each keeps for the backward, per
+# token and layer, is counted in fp4jax.memory.
+REMAT_POLICIES = {
+    # Every intermediate autodiff needs stays live until the backward.
+    "none": None,
+    # Only the block's inputs: the backward recomputes the whole block.
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Every dot output (the projections' GEMMs and, with attention "xla",
+    # the [T, S] scores and their product with V), f32 as the dots return.
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    # Dot outputs without batch dims: the projections' GEMMs, not the
+    # attention einsums.
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # What each quantized projection's backward reads of its input, compact:
+    # FP4 codes two per byte, scales, the OCC residual in ELL form
+    # (qdot.qmatmul's pack_residuals); the rest of the block is recomputed.
+    "quantized": jax.checkpoint_policies.save_only_these_names(
+        qdot.SAVED_NAME),
+}
+REMATS = tuple(REMAT_POLICIES)
+
+# While a scanned layer runs: {projection path below "layers.<i>." (e.g.
+# "attn.q_proj"): that path's `path_id` in the layer being run, traced}.
+_LAYER_PIDS: contextvars.ContextVar[dict[str, jax.Array] | None] = (
+    contextvars.ContextVar("fp4jax_layer_pids", default=None))
 
 
 def attention_impl(attention: str, segmented: bool = False) -> str:
@@ -70,6 +99,13 @@ class LlamaConfig:
       "cudnn" (fused flash attention via jax.nn.dot_product_attention on
       NVIDIA GPUs; causal only, no segment_ids) or "auto" (cudnn on GPU
       without segment_ids, xla otherwise; see `attention_impl`).
+    remat: what each decoder block keeps for the backward, a key of
+      `REMAT_POLICIES`: "none" (everything), "full" (its input only),
+      "dots" / "dots_no_batch" (dot outputs), "quantized" (its quantized
+      projections' packed FP4 inputs). Every policy computes the same
+      values, key draws included; bit for bit where XLA keeps no excess
+      precision (xla_allow_excess_precision=false), as it may round bf16
+      intermediates of a recomputed block at other places.
   """
   vocab_size: int
   d_model: int
@@ -84,11 +120,19 @@ class LlamaConfig:
   compute_dtype: str = "bfloat16"
   param_dtype: str = "float32"
   attention: str = "auto"
+  remat: str = "none"
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.attention not in ATTENTIONS:
       raise ValueError(f"LlamaConfig.attention must be one of {ATTENTIONS}, "
                        f"got {self.attention!r}")
+    if self.remat not in REMATS:
+      raise ValueError(f"LlamaConfig.remat must be one of {REMATS}, "
+                       f"got {self.remat!r}")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"LlamaConfig.scan_layers must be a bool, got "
+                       f"{self.scan_layers!r}")
     for name in ("vocab_size", "d_model", "n_layers", "n_heads",
                  "n_kv_heads", "d_ff", "max_seq_len"):
       v = getattr(self, name)
@@ -139,7 +183,8 @@ def path_id(path: str) -> int:
 
 
 def qdense(x: jax.Array, kernel: jax.Array, recipe, key: jax.Array | None,
-           pid: int, out_dtype, path: str = "") -> jax.Array:
+           pid: int, out_dtype, path: str = "", pack: bool = False
+           ) -> jax.Array:
   """The quantization seam: x @ kernel per `recipe`.
 
   Args:
@@ -151,6 +196,8 @@ def qdense(x: jax.Array, kernel: jax.Array, recipe, key: jax.Array | None,
     pid: this projection's `path_id`.
     out_dtype: dtype of the result.
     path: the projection's path, for an active `telemetry.Probe`.
+    pack: keep the backward's view of x packed and named for remat
+      "quantized" (`qdot.qmatmul`'s pack_residuals).
 
   Returns:
     [..., N] in out_dtype.
@@ -160,7 +207,8 @@ def qdense(x: jax.Array, kernel: jax.Array, recipe, key: jax.Array | None,
   k = None if key is None or recipe is None else jax.random.fold_in(key, pid)
   # f32 accumulation, one rounding to out_dtype (plain matmul when the
   # recipe is None or does not quantize).
-  y = qdot.qmatmul(x2d, kernel, recipe, k, out_dtype=out_dtype)
+  y = qdot.qmatmul(x2d, kernel, recipe, k, out_dtype=out_dtype,
+                   pack_residuals=pack)
   probe = telemetry.active()
   if probe is not None:
     y = probe.observe(path, x2d, kernel, y, recipe)
@@ -186,13 +234,21 @@ class QDense(nnx.Module):
     self.path = path
     self.compute_dtype = cfg.compute_dtype
     self.out_dtype = out_dtype or cfg.compute_dtype
+    self.pack = cfg.remat == "quantized"
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None
                ) -> jax.Array:
     """x: [..., in] -> [..., out] in out_dtype."""
     kernel = self.kernel[...].astype(self.compute_dtype)
+    pid = self.pid
+    scanned = _LAYER_PIDS.get()
+    if scanned is not None:
+      # Under scanned layers this module is layer 0's; the scan hands over
+      # the id of the layer it is running, so the randomness per path is
+      # the unrolled model's.
+      pid = scanned[self.path.split(".", 2)[2]]
     return qdense(x.astype(self.compute_dtype), kernel, self.recipe, key,
-                  self.pid, self.out_dtype, self.path)
+                  pid, self.out_dtype, self.path, self.pack)
 
 
 class RMSNorm(nnx.Module):
@@ -333,6 +389,44 @@ class Block(nnx.Module):
     return sharding.constrain(out, ACT_BTD)
 
 
+def _call_block(block: Block, x_btd, positions_bt, mask_bts, key):
+  return block(x_btd, positions_bt, mask_bts, key)
+
+
+@functools.cache
+def _block_fn(remat: str, scanned: bool = False):
+  """`_call_block`, rematerialised under the policy named `remat`.
+
+  prevent_cse: in a Python loop of blocks, without it XLA may merge the
+  backward's recomputation with the forward's values and keep them live
+  after all; inside a scan (`scanned`) the loop boundary already keeps
+  them apart, and the barriers would only block fusion.
+  """
+  if REMAT_POLICIES[remat] is None:
+    return _call_block
+  return nnx.remat(_call_block, policy=REMAT_POLICIES[remat],
+                   prevent_cse=not scanned)
+
+
+def _check_uniform_layers(table: dict) -> None:
+  """Scanned layers run one block's program for every layer: the resolved
+  recipes must not differ between layers (one line naming the first that
+  does)."""
+  for path, recipe in table.items():
+    parts = path.split(".", 2)
+    if parts[0] != "layers" or parts[1] == "0":
+      continue
+    first = table[f"layers.0.{parts[2]}"]
+    if recipe != first:
+      def name(r):
+        return "none" if r is None else r.name
+      raise ValueError(
+          f"model.scan_layers=True runs every layer with one program, but "
+          f"{path} has recipe {name(recipe)!r} and layers.0.{parts[2]} "
+          f"{name(first)!r} (per-layer rules or a bf16 tail); use "
+          f"scan_layers=False")
+
+
 class Llama(nnx.Module):
   """LLaMA decoder-only LM.
 
@@ -353,6 +447,8 @@ class Llama(nnx.Module):
       table = dict.fromkeys(paths)
     else:
       table = qconfig.resolve_rules(paths, rules)
+    if cfg.scan_layers:
+      _check_uniform_layers(table)
     self.cfg = cfg
     # A tuple of pairs: static under nnx, and order is the model order.
     self._quant_items = tuple(
@@ -377,6 +473,47 @@ class Llama(nnx.Module):
   def quant_table(self) -> dict[str, str]:
     """Projection path -> recipe name, or "none" when not quantized."""
     return dict(self._quant_items)
+
+  def _scan_layers(self, block_fn, x, positions, mask, key):
+    """The decoder stack as one `lax.scan` over a layer-stacked copy of the
+    blocks' parameters (LlamaConfig.scan_layers), so the step compiles one
+    block whatever the depth.
+
+    The parameters keep their per-layer layout (checkpoints, HF export and
+    sharding are those of the unrolled model); the stacked copy is made
+    inside the step, its kernels in the compute dtype they are read in (a
+    transient 2 bytes per block parameter in bf16). Layer i runs with
+    layer i's parameters and path ids (`_LAYER_PIDS`), so the values and
+    random draws are the unrolled model's.
+    """
+    graphdef, _ = nnx.split(self.layers[0])
+    compute = jnp.dtype(self.cfg.compute_dtype)
+
+    def stack(*leaves):
+      # Kernels (>= 2-D) are read in the compute dtype; norm gains in f32.
+      return jnp.stack([v.astype(compute) if v.ndim >= 2 else v
+                        for v in leaves])
+
+    stacked = jax.tree.map(stack, *[nnx.state(l) for l in self.layers])
+    suffixes = [p.split(".", 2)[2] for p in self._layer_paths(0)]
+    pids = {s: jnp.asarray([path_id(f"layers.{i}.{s}")
+                            for i in range(self.cfg.n_layers)], jnp.int32)
+            for s in suffixes}
+
+    def body(h, xs):
+      state, layer_pids = xs
+      token = _LAYER_PIDS.set(layer_pids)
+      try:
+        h = block_fn(nnx.merge(graphdef, state), h, positions, mask, key)
+      finally:
+        _LAYER_PIDS.reset(token)
+      return h, None
+
+    x, _ = jax.lax.scan(body, x, (stacked, pids))
+    return x
+
+  def _layer_paths(self, i: int) -> list[str]:
+    return [p for p, _ in self._quant_items if p.startswith(f"layers.{i}.")]
 
   def __call__(self, tokens: jax.Array, *,
                segment_ids: jax.Array | None = None,
@@ -414,10 +551,21 @@ class Llama(nnx.Module):
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
     x = sharding.constrain(x, ACT_BTD)
-    for layer in self.layers:
-      x = layer(x, positions, mask, key)
+    # An active telemetry Probe records arrays traced inside the blocks; a
+    # rematerialised block's would be tracers of its own trace, unusable
+    # outside it, so a probed call (the separate telemetry step) runs the
+    # blocks without remat: the same values, the memory of remat "none".
+    probed = telemetry.active() is not None
+    block_fn = _block_fn("none" if probed else cfg.remat)
+    if cfg.scan_layers and not probed:
+      x = self._scan_layers(_block_fn(cfg.remat, scanned=True), x,
+                            positions, mask, key)
+    else:
+      for layer in self.layers:
+        x = block_fn(layer, x, positions, mask, key)
     x = self.final_norm(x)
     if cfg.tie_embeddings:
       kernel = self.embed[...].astype(cfg.compute_dtype).T
-      return qdense(x, kernel, self.lm_recipe, key, self.lm_pid, jnp.float32)
+      return qdense(x, kernel, self.lm_recipe, key, self.lm_pid, jnp.float32,
+                    pack=cfg.remat == "quantized")
     return self.lm_head(x, key)

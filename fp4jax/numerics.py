@@ -344,3 +344,79 @@ def cast_scale(s: jax.Array, scale_fmt: str) -> jax.Array:
     return round_to_float(s, "e4m3")
   raise ValueError(
       f"unknown scale_fmt {scale_fmt!r}; expected 'f32', 'e8m0' or 'e4m3'")
+
+
+# ------------------------------------------------------------ FP4 codes
+# An FP4 value as a 4-bit code: bit 3 the sign, bits 0-2 the index of its
+# magnitude in `Format.magnitudes` (for E2M1 this is the OCP bit pattern,
+# what ml_dtypes' float4_e2m1fn stores). Two codes share a byte, the even
+# element in the low nibble. What a rematerialised step keeps of an FP4
+# operand for its backward (fp4jax.qdot).
+
+
+def fp4_to_codes(values: jax.Array, fmt: str) -> jax.Array:
+  """Codes of values on an FP4 grid.
+
+  Args:
+    values: float array whose entries lie on the grid of `fmt` (-0.0 keeps
+      its sign bit); values off the grid get the code of the largest
+      magnitude not above theirs, NaN that of 0.
+    fmt: an FP4 format name ("e2m1", "e1m2", "e3m0").
+
+  Returns:
+    uint8 codes in [0, 15], the shape of `values`.
+  """
+  f = get_format(fmt)
+  if not f.is_fp4:
+    raise ValueError(f"fp4_to_codes needs an FP4 fmt, got fmt={fmt!r}")
+  v = values.astype(jnp.float32)
+  a = jnp.abs(v)
+  # Magnitude index: how many nonzero magnitudes lie at or below |v|.
+  idx = sum((a >= jnp.float32(m)).astype(jnp.uint8) for m in f.magnitudes[1:])
+  return jnp.where(jnp.signbit(v), idx + jnp.uint8(8), idx).astype(jnp.uint8)
+
+
+def fp4_from_codes(codes: jax.Array, fmt: str) -> jax.Array:
+  """Values of FP4 codes (the inverse of `fp4_to_codes` on the grid).
+
+  Args:
+    codes: integer array with entries in [0, 15] (higher bits ignored).
+    fmt: an FP4 format name.
+
+  Returns:
+    float32 values, the shape of `codes`; code 8 is -0.0.
+  """
+  f = get_format(fmt)
+  if not f.is_fp4:
+    raise ValueError(f"fp4_from_codes needs an FP4 fmt, got fmt={fmt!r}")
+  c = codes.astype(jnp.int32)
+  mag = jnp.asarray(np.asarray(f.magnitudes, np.float32))[c & 7]
+  return jnp.where((c & 8) != 0, -mag, mag)
+
+
+def pack_nibbles(codes: jax.Array) -> jax.Array:
+  """Two 4-bit codes per byte along the last axis.
+
+  Args:
+    codes: uint8 [..., n], entries in [0, 15].
+
+  Returns:
+    uint8 [..., ceil(n / 2)]: element 2i in the low nibble of byte i,
+    element 2i + 1 in the high one (a zero nibble pads an odd n).
+  """
+  c = codes.astype(jnp.uint8)
+  n = c.shape[-1]
+  if n % 2:
+    c = jnp.concatenate([c, jnp.zeros((*c.shape[:-1], 1), jnp.uint8)], -1)
+  pairs = c.reshape(*c.shape[:-1], -1, 2)
+  return (pairs[..., 0] & 15) | ((pairs[..., 1] & 15) << 4)
+
+
+def unpack_nibbles(packed: jax.Array, n: int) -> jax.Array:
+  """The inverse of `pack_nibbles`: uint8 [..., ceil(n / 2)] -> [..., n]."""
+  if packed.shape[-1] != (n + 1) // 2:
+    raise ValueError(f"unpack_nibbles: {packed.shape[-1]} bytes do not hold "
+                     f"n={n} codes")
+  p = packed.astype(jnp.uint8)
+  pairs = jnp.stack([p & 15, p >> 4], axis=-1)
+  return pairs.reshape(*p.shape[:-1], -1)[..., :n]

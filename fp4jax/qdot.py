@@ -4,8 +4,10 @@ Owns: `qmatmul(x, w, recipe, key)` = x [M, K] @ w [K, N] whose forward,
 dgrad (dx = g @ w^T) and wgrad (dw = x^T @ g) GEMMs each quantize their
 operands as the `Recipe` says (RECIPE §5), with DGE on the weight gradient
 (§3) and OCC on the activations (§4); the GEMM implementations (one dispatch
-point, `GEMM_IMPLS`); and `make_dot_general`, the `lax.dot_general`-shaped
-seam for Flax layers and einsums.
+point, `GEMM_IMPLS`); the packed form of what the backward keeps of x
+(`pack_residuals`: FP4 codes two per byte, named `SAVED_NAME` for a remat
+policy); and `make_dot_general`, the `lax.dot_general`-shaped seam for Flax
+layers and einsums.
 
 Must not import: flax, ml_collections, fp4jax modules right of `quant`.
 """
@@ -14,16 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from fp4jax import compensation, gemm, hadamard, numerics, quant
 from fp4jax.kernels import row_quant
 from fp4jax.qconfig import RECIPES, Recipe, TensorQuant, get_recipe
 
 __all__ = ["qmatmul", "get_recipe", "make_dot_general", "RECIPES",
-           "GEMM_IMPLS"]
+           "GEMM_IMPLS", "SAVED_NAME", "PackedX"]
 
 _NN = (((1,), (0,)), ((), ()))   # [M, K] @ [K, N]
 _NT = (((1,), (1,)), ((), ()))   # [M, N] @ [K, N]^T -> [M, K]
@@ -89,8 +93,9 @@ def _ell(r: Recipe, resid):
       resid, compensation.capacity(resid.shape[1], r.occ_alpha))
 
 
-def _fwd_core(x, w, r: Recipe, key):
-  """Forward GEMM. Returns y [M, N] f32 and what the backward needs."""
+def _fwd_core(x, w, r: Recipe, key, pack: bool = False):
+  """Forward GEMM. Returns y [M, N] f32 and what the backward needs (with
+  `pack`, its activation part compact and named; see `_pack_residuals`)."""
   impl = _impl(r)
   kx, kw, kb = _keys(key, 3)
   x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
@@ -150,7 +155,130 @@ def _fwd_core(x, w, r: Recipe, key):
          kb,
          _trust_mask(xc, qx, r.x) if r.clip_mask else None,
          _trust_mask(w32, qw, r.w) if r.clip_mask else None)
+  if pack:
+    res = _pack_residuals(r, res, qx, resid if comp == "dense" else None)
   return y, res
+
+
+# ------------------------------------------------------ packed residuals
+# The name the packed residuals carry (jax.ad_checkpoint.checkpoint_name):
+# a remat policy that saves only this name (llama's remat "quantized") keeps
+# of each quantized projection just what its backward reads of X, compact.
+SAVED_NAME = "fp4jax.qdot.saved"
+
+
+class PackedX(NamedTuple):
+  """The activation operand the backward reads, kept compactly.
+
+  Attributes:
+    codes: uint8 [M, ceil(K / 2)], the forward's FP4 grid values of X as
+      codes two per byte (`numerics.pack_nibbles`).
+    scale: float32, the quantization scale with each scaling group once:
+      [M, 1] per token, [1, 1] per tensor, [M, K / block] for blocks along
+      K (`quant.QTensor.scale` repeats block scales over the block).
+    resid: the OCC residual the backward adds back to Q(Xc) (compensation
+      "dense"): a `compensation.Ell` (per-token OCC), dense float32 [M, K]
+      (tensor-wise OCC), or None.
+  """
+  codes: jax.Array
+  scale: jax.Array
+  resid: compensation.Ell | jax.Array | None = None
+
+
+def _block_axes(spec: TensorQuant) -> tuple[int, ...]:
+  """The operand axes along which `spec`'s full-shape scale repeats."""
+  if spec.block_2d:
+    return (0, 1)
+  return (spec.axis % 2,) if spec.block else ()
+
+
+def _compact_scale(scale: jax.Array, spec: TensorQuant) -> jax.Array:
+  for a in _block_axes(spec):
+    scale = jax.lax.slice_in_dim(scale, 0, None, spec.block, axis=a)
+  return scale
+
+
+def _expand_scale(scale: jax.Array, spec: TensorQuant) -> jax.Array:
+  for a in _block_axes(spec):
+    scale = jnp.repeat(scale, spec.block, axis=a)
+  return scale
+
+
+def _compact_resid(r: Recipe, resid):
+  """The OCC residual [M, K] as an Ell where per-token OCC bounds each row's
+  nonzeros (exact, c / K of the dense bytes), else unchanged."""
+  if resid is None or isinstance(resid, compensation.Ell):
+    return resid
+  if r.occ_axis is None:
+    return resid        # a tensor-wise quantile bounds no row
+  return compensation.to_ell(
+      resid, compensation.capacity(resid.shape[1], r.occ_alpha))
+
+
+def _dense_resid(resid, k: int, g: jax.Array):
+  """The dense [M, k] f32 residual of an Ell (as compensation.to_dense)."""
+  if not isinstance(resid, compensation.Ell):
+    return resid
+  m = resid.idx.shape[0]
+  # The scatter writes into a copy of its zeros operand. A constant's copy
+  # depends on nothing, and XLA:CPU made all of them in the forward: a
+  # dense f32 [M, K] per projection live until the backward, more than the
+  # packing saves (an optimization barrier does not help: XLA:CPU removes
+  # it before scheduling). Zeros computed from the cotangent g [M, N] exist
+  # only once g does; +0 exactly, g's values aside.
+  col = jnp.isfinite(g[:, :1]).astype(jnp.float32) * 0.
+  zeros = jnp.broadcast_to(col, (m, k))
+  rows = jnp.arange(m)[:, None]
+  return zeros.at[rows, resid.idx].add(resid.val)
+
+
+def _pack_residuals(r: Recipe, res, qx, add):
+  """`_fwd_core`'s residuals with X's part compact and named SAVED_NAME.
+
+  Where the backward reads the forward's quantized X (every recipe but a
+  hw_faithful one re-quantizing the unquantized X) on an FP4 grid, it gets
+  the codes two per byte and the scales (`PackedX`, plus `add`, the dense
+  residual that compensation "dense" adds back); any other X it reads
+  (FP8 or unquantized) stays as is. The OCC residual goes in ELL form. The
+  weight's parts (w_deq, the DGE scale) and QuEST's trust masks are left
+  unnamed: a rematerialised block recomputes them.
+  """
+  x_eff, w_deq, w, sw, x_src, resid, key, mask_x, mask_w = res
+  reuse = not r.hw_faithful
+  x_saved = x_eff if reuse else x_src
+  if ((reuse or r.requant_quantized) and qx is not None
+      and numerics.get_format(r.x.fmt).is_fp4):
+    codes = numerics.fp4_to_codes(qx.values, r.x.fmt)
+    x_saved = PackedX(numerics.pack_nibbles(codes),
+                      _compact_scale(qx.scale, r.x),
+                      _compact_resid(r, add if reuse else None))
+  x_saved, resid = jax.tree.map(lambda a: checkpoint_name(a, SAVED_NAME),
+                                (x_saved, _compact_resid(r, resid)))
+  return (x_saved if reuse else None, w_deq, w, sw,
+          None if reuse else x_saved, resid, key, mask_x, mask_w)
+
+
+def _unpack_residuals(r: Recipe, res, k: int, dtype, g):
+  """The residuals `_bwd_core` reads, from `_pack_residuals`' form: the
+  same arrays, bit for bit (the forward's f32 ops on the same values).
+  k: K; dtype: x's; g: the cotangent [M, N] (see `_dense_resid`)."""
+  x_eff, w_deq, w, sw, x_src, resid, key, mask_x, mask_w = res
+
+  def unpack(p):
+    if not isinstance(p, PackedX):
+      return p
+    values = numerics.fp4_from_codes(numerics.unpack_nibbles(p.codes, k),
+                                     r.x.fmt)
+    x = values / _expand_scale(p.scale, r.x)     # QTensor.dequantize
+    if p.resid is not None:
+      x = x + _dense_resid(p.resid, k, g)
+    return x.astype(dtype)
+
+  if resid is not None and not (r.effective_compensation == "sparse"
+                                and r.sparse_impl == "ell"):
+    resid = _dense_resid(resid, k, g)
+  return (unpack(x_eff), w_deq, w, sw, unpack(x_src), resid, key, mask_x,
+          mask_w)
 
 
 def _trust_mask(v32, q, spec: TensorQuant | None):
@@ -274,17 +402,19 @@ def _bwd_core(r: Recipe, res, g):
   return dx, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _qmatmul(x, w, recipe, dtypes, key):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _qmatmul(x, w, recipe, dtypes, pack, key):
   return _fwd_core(x, w, recipe, key)[0].astype(dtypes[1])
 
 
-def _qmatmul_fwd(x, w, recipe, dtypes, key):
-  y, res = _fwd_core(x, w, recipe, key)
+def _qmatmul_fwd(x, w, recipe, dtypes, pack, key):
+  y, res = _fwd_core(x, w, recipe, key, pack)
   return y.astype(dtypes[1]), res
 
 
-def _qmatmul_bwd(recipe, dtypes, res, g):
+def _qmatmul_bwd(recipe, dtypes, pack, res, g):
+  if pack:
+    res = _unpack_residuals(recipe, res, res[2].shape[0], dtypes[0], g)
   dx, dw = _bwd_core(recipe, res, g)
   # dtypes = (x's dtype, y's dtype); res[2] is w itself.
   return dx.astype(dtypes[0]), dw.astype(res[2].dtype), None
@@ -293,14 +423,20 @@ def _qmatmul_bwd(recipe, dtypes, res, g):
 _qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _plain(x, w, out_dtype):
+def _plain_dot(x, w, out_dtype):
   return jax.lax.dot_general(x, w, _NN, preferred_element_type=jnp.float32
                              ).astype(out_dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _plain(x, w, out_dtype):
+  return _plain_dot(x, w, out_dtype)
+
+
 def _plain_fwd(x, w, out_dtype):
-  return _plain(x, w, out_dtype), (x, w)
+  # The dot itself, not a call of `_plain`: a remat policy that saves dot
+  # outputs ("dots") sees a dot_general here, not a custom_vjp call.
+  return _plain_dot(x, w, out_dtype), (x, w)
 
 
 def _plain_bwd(out_dtype, res, g):
@@ -333,7 +469,8 @@ def plain_matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
 
 
 def qmatmul(x: jax.Array, w: jax.Array, recipe: Recipe | str | None,
-            key: jax.Array | None = None, out_dtype=None) -> jax.Array:
+            key: jax.Array | None = None, out_dtype=None,
+            pack_residuals: bool = False) -> jax.Array:
   """Quantized x @ w with per-GEMM quantization from `recipe`.
 
   Args:
@@ -343,6 +480,10 @@ def qmatmul(x: jax.Array, w: jax.Array, recipe: Recipe | str | None,
     key: PRNG key; required only by recipes with stochastic rounding.
     out_dtype: dtype of y (default x.dtype; f32 for logits). The GEMMs
       accumulate in f32 and round once to it.
+    pack_residuals: keep what the backward reads of x compact (FP4 codes
+      two per byte, the scales, the OCC residual in ELL form) and named
+      `SAVED_NAME`, for a remat policy that saves only that name. The same
+      values and gradients bit for bit; no effect on a plain matmul.
 
   Returns:
     y [M, N] in out_dtype. Gradients: dx in x.dtype, dw in w.dtype.
@@ -373,7 +514,7 @@ def qmatmul(x: jax.Array, w: jax.Array, recipe: Recipe | str | None,
   else:
     key = None
   dtypes = (jnp.dtype(x.dtype), jnp.dtype(out_dtype or x.dtype))
-  return _qmatmul(x, w, recipe, dtypes, key)
+  return _qmatmul(x, w, recipe, dtypes, bool(pack_residuals), key)
 
 
 def make_dot_general(recipe: Recipe | str | None):
