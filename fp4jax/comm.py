@@ -27,23 +27,34 @@ bytes, one rounding fewer).
 The step using it computes each data shard's gradient in a `shard_map`
 over the mesh, fully manual: the model inside it runs on local arrays
 (activation constraints are skipped there). With FSDP (mesh.fsdp > 1)
-each device first gathers the full parameters, and the reduction is a
-reduce-scatter onto the parameter shards (`scatter_over`): a ring over
-fsdp, then a sum over data, 1-byte payloads throughout. The gathered
-parameters and the full local gradient are live at once (XLA's own FSDP
-may gather layer by layer); tensor parallelism (mesh.tensor > 1) would
-need collectives inside the model and is refused.
+the loss is differentiated with respect to the parameter shards: each
+sharded leaf is all-gathered in the dtype the model reads it in (a
+kernel the model casts to its compute dtype at use is gathered in that
+dtype: bf16 in real runs, never its f32 master), and the backward of
+that gather is the reduction: the full-size cotangent (compute dtype)
+goes straight into a reduce-scatter onto the parameter shards
+(`scatter_over`: a ring over fsdp, then a sum over data, 1-byte
+payloads, f32 adds on shard-sized partials). No device holds a
+full-size f32 copy of a parameter or gradient the model reads in a
+narrower dtype. The gathered parameters stay live for the whole backward
+(the model's matmuls keep them). With microbatches (optim.grad_accum)
+the gather runs once per step and the reduce-scatter once per
+microbatch, into a shard-sized f32 accumulator; replicated leaves
+accumulate locally and are reduced once. Tensor parallelism (mesh.tensor > 1)
+would need collectives inside the model and is refused.
 
 Must not import: flax, optax, or fp4jax modules other than sharding and
 numerics (its exact power-of-two scales).
 """
 
 from collections.abc import Callable
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 from jax.sharding import PartitionSpec as P
 
 from fp4jax import numerics
@@ -89,24 +100,34 @@ def _cast(x: jax.Array, scale: jax.Array, low: Any) -> jax.Array:
 def _scale(x: jax.Array, axes: tuple[str, ...], n: int, low: Any
            ) -> jax.Array:
   """The payload scale all devices of `axes` agree on (room for n addends)."""
-  amax = jax.lax.pmax(jnp.max(jnp.abs(x)), axes)
+  # The max of |x| is one of x's values: exact in x's own dtype.
+  amax = jax.lax.pmax(jnp.max(jnp.abs(x)).astype(jnp.float32), axes)
   return pow2_scale(n * amax, low)
 
 
-def _ring_reduce_scatter(chunks: jax.Array, axes: tuple[str, ...],
-                         scale: jax.Array, low: Any) -> jax.Array:
-  """f32 [n, ...] addends -> f32 [...]: device r's sum of chunk r over axes.
+def _ring_reduce_scatter(x: jax.Array, n: int, dim: int,
+                         axes: tuple[str, ...], scale: jax.Array, low: Any
+                         ) -> jax.Array:
+  """x (any float dtype), cut into n blocks along `dim` -> f32 block:
+  device r's sum of block r over axes.
 
   n - 1 `ppermute` steps; each sends a partial sum cast to `low` (times
-  `scale`) and adds the own chunk in f32. Chunk j starts at device j + 1.
+  `scale`) and adds the own block in f32. Block j starts at device j + 1.
+  Blocks are sliced in place (no transposed copy of x) and widened to f32
+  one at a time.
   """
-  n = chunks.shape[0]
+  size = x.shape[dim] // n
   r = jax.lax.axis_index(axes)
   ring = [(i, (i + 1) % n) for i in range(n)]
-  partial = chunks[(r - 1) % n]
+
+  def block(j):
+    return jax.lax.dynamic_slice_in_dim(x, (j % n) * size, size,
+                                        axis=dim).astype(jnp.float32)
+
+  partial = block(r - 1)
   for k in range(n - 1):
     got = jax.lax.ppermute(_cast(partial, scale, low), axes, ring)
-    partial = got.astype(jnp.float32) / scale + chunks[(r - 2 - k) % n]
+    partial = got.astype(jnp.float32) / scale + block(r - 2 - k)
   return partial
 
 
@@ -135,8 +156,8 @@ def sum_over(x: jax.Array, axes: tuple[str, ...], dtype: str, n: int,
     return jnp.sum(both.astype(jnp.float32), axis=0) / scale
   shape, size = x.shape, x.size
   chunk = -(-size // n)
-  chunks = jnp.pad(x.reshape(-1), (0, n * chunk - size)).reshape(n, chunk)
-  partial = _ring_reduce_scatter(chunks, axes, scale, low)
+  flat = jnp.pad(x.reshape(-1), (0, n * chunk - size))
+  partial = _ring_reduce_scatter(flat, n, 0, axes, scale, low)
   summed = jax.lax.all_gather(_cast(partial, scale, low), axes, tiled=True)
   return (summed.astype(jnp.float32) / scale)[:size].reshape(shape)
 
@@ -149,7 +170,10 @@ def scatter_over(x: jax.Array, dim: int, shard_axes: tuple[str, ...],
   The FSDP gradient reduction: each device keeps the block of the sum its
   parameter shard needs. A ring reduce-scatter over `shard_axes` (each
   device ends with the f32 sum of its block), then `sum_over` the other
-  `axes`; one scale for both, agreed over all of `axes`.
+  `axes`; one scale for both, agreed over all of `axes`. `x` stays in its
+  own dtype: only the shard-sized blocks are widened to f32 as the ring
+  adds them (the values are those of an f32 `x`: widening is exact), so
+  a bf16 cotangent never has a full-size f32 copy.
 
   Args:
     x: this device's addend (the full gradient), any float dtype.
@@ -163,23 +187,17 @@ def scatter_over(x: jax.Array, dim: int, shard_axes: tuple[str, ...],
     float32, x's shape with x.shape[dim] / prod(shard sizes) at `dim`:
     device i's block (block index = its index along shard_axes).
   """
-  x = x.astype(jnp.float32)
   n_shard = math.prod(sizes[a] for a in shard_axes)
   rest = tuple(a for a in axes if a not in shard_axes)
   n_rest = math.prod(sizes[a] for a in rest)
   if dtype == "float32":
-    part = jax.lax.psum_scatter(x, shard_axes, scatter_dimension=dim,
-                                tiled=True)
+    part = jax.lax.psum_scatter(x.astype(jnp.float32), shard_axes,
+                                scatter_dimension=dim, tiled=True)
     return jax.lax.psum(part, rest) if rest else part
   low = jnp.dtype(dtype)
   scale = _scale(x, axes, n_shard * n_rest, low)
-  moved = jnp.moveaxis(x, dim, 0)
-  chunks = moved.reshape(n_shard, moved.shape[0] // n_shard,
-                         *moved.shape[1:])
-  part = _ring_reduce_scatter(chunks, shard_axes, scale, low)
-  if rest:
-    part = sum_over(part, rest, dtype, n_rest, scale)
-  return jnp.moveaxis(part, 0, dim)
+  part = _ring_reduce_scatter(x, n_shard, dim, shard_axes, scale, low)
+  return sum_over(part, rest, dtype, n_rest, scale) if rest else part
 
 
 def _shard_dim(spec: P, sizes: dict[str, int]
@@ -197,6 +215,107 @@ def _shard_dim(spec: P, sizes: dict[str, int]
   return sharded[0] if sharded else None
 
 
+# Primitives that run their one sub-jaxpr once on their own operands, and
+# whose transpose is that of the sub-jaxpr: a cast inside one of them is a
+# cast of the operand. (Loops are not: a scan's transpose sums a constant's
+# cotangent over iterations in the constant's dtype; custom_vjp rules
+# choose their own cotangents.)
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "remat",
+                    "remat2", "checkpoint"})
+
+
+def _reads(jaxpr: jax_core.Jaxpr, var: jax_core.Var
+           ) -> tuple[list[Any], set[int]]:
+  """How `jaxpr` reads `var`: (one entry per use: the dtype of a
+  convert_element_type, else None; the positions of jaxpr's outputs that
+  are `var` itself).
+
+  A call that returns an operand unchanged (nnx.remat returns the
+  module's state) passes it through: that is no use in itself; the uses
+  of the call's result are.
+  """
+  uses = []
+  returned = {j for j, v in enumerate(jaxpr.outvars) if v is var}
+  for eqn in jaxpr.eqns:
+    for i, x in enumerate(eqn.invars):
+      if x is not var:
+        continue
+      subs = list(jax_core.jaxprs_in_params(eqn.params))
+      if eqn.primitive.name == "convert_element_type":
+        uses.append(jnp.dtype(eqn.params["new_dtype"]))
+      elif (eqn.primitive.name in _CALLS and len(subs) == 1
+            and len(subs[0].invars) == len(eqn.invars)
+            and len(subs[0].outvars) == len(eqn.outvars)):
+        inner_uses, passed = _reads(subs[0], subs[0].invars[i])
+        uses += inner_uses
+        for j in passed:
+          outer_uses, outer_returned = _reads(jaxpr, eqn.outvars[j])
+          uses += outer_uses
+          returned |= outer_returned
+      else:
+        uses.append(None)
+  return uses, returned
+
+
+def read_dtypes(loss: Callable[..., Any], params: list[Any], *args: Any
+                ) -> list[Any]:
+  """The dtype `loss` reads each parameter in, from its jaxpr (no FLOPs).
+
+  A parameter whose only use is one cast to a narrower float dtype (a
+  kernel the model casts to its compute dtype) is read in that dtype: an
+  all-gather of it can move and keep that dtype with the same values and
+  the same cotangent (the cast's transpose only widens it). Anything else
+  keeps the parameter's own dtype: the embedding's row lookup (its
+  backward sums the cotangent rows of repeated tokens in the table's
+  dtype), a parameter read twice (its cotangents add in its dtype).
+
+  Args:
+    loss: (params list, *args) -> anything.
+    params: arrays or ShapeDtypeStructs (full shapes).
+    *args: the further arguments (arrays or ShapeDtypeStructs).
+
+  Returns:
+    One numpy dtype per parameter.
+  """
+  closed = jax.make_jaxpr(loss)(params, *args)
+  out = []
+  for p, var in zip(params, closed.jaxpr.invars[:len(params)]):
+    own = jnp.dtype(p.dtype)
+    uses, returned = _reads(closed.jaxpr, var)
+    uses += [None] * len(returned)      # an output of the loss: read as is
+    narrower = (len(uses) == 1 and uses[0] is not None and
+                jnp.issubdtype(uses[0], jnp.floating) and
+                uses[0].itemsize < own.itemsize)
+    out.append(uses[0] if narrower else own)
+  return out
+
+
+def _reduced_view(reduce: Callable[[jax.Array], jax.Array]
+                  ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """view(shard, full) = full, the shard's gathered value; its backward
+  sends the cotangent through `reduce` to the shard.
+
+  The gather itself runs outside, once per step (before any microbatch
+  loop); differentiating through view is differentiating through that
+  gather, whose transpose is the reduce-scatter (summed over the batch
+  shards as well: the reduction of the data-parallel gradient).
+  """
+  @jax.custom_vjp
+  def view(shard, full):
+    del shard
+    return full
+
+  def fwd(shard, full):
+    del shard
+    return full, None
+
+  def bwd(_, ct):
+    return reduce(ct), None   # `full` is a constant of the loss: no ct
+
+  view.defvjp(fwd, bwd)
+  return view
+
+
 def data_parallel_grads(loss_sum: Callable[..., tuple[jax.Array, jax.Array]],
                         params: Any, batch: dict[str, jax.Array], *,
                         mesh: jax.sharding.Mesh, batch_axes: tuple[str, ...],
@@ -205,11 +324,16 @@ def data_parallel_grads(loss_sum: Callable[..., tuple[jax.Array, jax.Array]],
                         ) -> tuple[jax.Array, Any]:
   """(mean loss, its gradient) with the gradient reduced in `grad_dtype`.
 
-  With FSDP (parameters sharded over batch axes, `param_specs`), each
-  device gathers the full parameters (in their own dtype: only the
-  gradient's reduction is low-precision), computes its rows' gradient, and
-  the reduction scatters it back onto the parameter shards
-  (`scatter_over`), so the gradient comes out sharded as the parameters.
+  Replicated parameters: each device differentiates with respect to its
+  own copy and the local gradient is reduced with `sum_over`. Parameters
+  sharded over batch axes (FSDP, `param_specs`): each device gathers the
+  full value in the dtype the loss reads it in (`read_dtypes`: a kernel
+  the model casts to bf16 is gathered in bf16; the values the model sees
+  are unchanged), and the loss is differentiated with respect to the f32
+  shard through a view whose backward is the reduce-scatter
+  (`scatter_over`) of the full-size cotangent: a sharded leaf's gradient
+  comes out reduced, shard-sized and f32, and a narrow-read leaf never
+  has a full-size f32 gradient.
 
   Args:
     loss_sum: (params, batch, *args) -> (summed nll, token count) on one
@@ -224,8 +348,15 @@ def data_parallel_grads(loss_sum: Callable[..., tuple[jax.Array, jax.Array]],
       axes must be among `batch_axes`. None = replicated.
     microbatches: n > 1: each shard's rows are split into n contiguous
       microbatches (n divides them), run one at a time in a `lax.scan`
-      with their gradients summed in f32, and reduced once; `args` then
-      carry a leading [n] axis, microbatch i getting args[j][i].
+      with their gradients summed in f32; `args` then carry a leading [n]
+      axis, microbatch i getting args[j][i]. Replicated leaves are reduced
+      once, after the loop (their accumulator is no larger than the
+      parameter). Sharded leaves are reduce-scattered per microbatch,
+      inside the loop, and accumulated shard-sized: an unreduced
+      full-size accumulator per device is what FSDP exists to avoid.
+      Each microbatch's reduction agrees on its own scale (its FP8
+      rounding is relative to that microbatch's gradient). The gather
+      runs once, before the loop.
 
   Returns:
     The global mean loss (f32 []) and gradient (params' structure and
@@ -241,46 +372,72 @@ def data_parallel_grads(loss_sum: Callable[..., tuple[jax.Array, jax.Array]],
     if where is not None and not set(where[1]) <= set(batch_axes):
       raise ValueError(f"comm: parameters sharded over {where[1]} (not a "
                        f"batch axis {batch_axes}) are not supported")
+  ways = math.prod(sizes[a] for a in batch_axes)
 
-  def gather(p, where):
-    return p if where is None else jax.lax.all_gather(
-        p, where[1], axis=where[0], tiled=True)
-
-  def reduce(g, where):
-    if where is None:
-      return sum_over(g, batch_axes, grad_dtype, ways)
-    return scatter_over(g, where[0], where[1], batch_axes, grad_dtype, sizes)
-
-  def grads(full, batch, *args):
-    if microbatches == 1:
-      return jax.value_and_grad(loss_sum, has_aux=True)(full, batch, *args)
-    micro = jax.tree.map(lambda x: x.reshape(
-        microbatches, x.shape[0] // microbatches, *x.shape[1:]), batch)
-
-    def body(acc, xs):
-      (nll, tokens), g = jax.value_and_grad(loss_sum, has_aux=True)(
-          full, *xs)
-      return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc,
-                          (nll, tokens, g)), None
-
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32),
-                         (jnp.zeros([]), jnp.zeros([]), full))
-    (nll, tokens, g), _ = jax.lax.scan(body, zeros, (micro, *args))
-    return (nll, tokens), g
+  def full_struct(p, where):
+    shape = list(p.shape)
+    if where is not None:
+      shape[where[0]] *= math.prod(sizes[a] for a in where[1])
+    return jax.ShapeDtypeStruct(tuple(shape), p.dtype)
 
   def local(params, batch, *args):
     leaves, treedef = jax.tree.flatten(params)
-    full = treedef.unflatten([gather(p, w) for p, w in
-                              zip(leaves, flat_layout)])
-    (nll, tokens), g = grads(full, batch, *args)
+    if microbatches == 1:
+      xs = (batch, *args)
+      first = xs
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(
+          microbatches, x.shape[0] // microbatches, *x.shape[1:]), batch)
+      xs = (micro, *args)
+      first = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:],
+                                                          x.dtype), xs)
+
+    def loss_of(full, *a):
+      return loss_sum(treedef.unflatten(full), *a)
+
+    # The dtype the model reads each full leaf in (one more trace of the
+    # loss, no FLOPs): what its gather moves.
+    reads = read_dtypes(loss_of, [full_struct(p, w) for p, w in
+                                  zip(leaves, flat_layout)], *first)
+    views, diff = [], []
+    for p, where, read in zip(leaves, flat_layout, reads):
+      if where is None:
+        views.append(None)
+        diff.append(p)
+        continue
+      dim, axes = where
+      full = jax.lax.all_gather(p.astype(read), axes, axis=dim, tiled=True)
+      reduce = functools.partial(scatter_over, dim=dim, shard_axes=axes,
+                                 axes=batch_axes, dtype=grad_dtype,
+                                 sizes=sizes)
+      views.append(functools.partial(_reduced_view(reduce), full=full))
+      # Differentiate w.r.t. the f32 shard: its gradient is the
+      # reduction's f32 result (a bf16 master's own dtype would round it).
+      diff.append(p.astype(jnp.float32))
+
+    def shard_loss(diff, *a):
+      return loss_of([d if v is None else v(d) for d, v in zip(diff, views)],
+                     *a)
+
+    grad_fn = jax.value_and_grad(shard_loss, has_aux=True)
+    if microbatches == 1:
+      (nll, tokens), g = grad_fn(diff, *xs)
+    else:
+      def body(acc, x):
+        (nll, tokens), g = grad_fn(diff, *x)
+        return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc,
+                            (nll, tokens, g)), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32),
+                           (jnp.zeros([]), jnp.zeros([]), diff))
+      (nll, tokens, g), _ = jax.lax.scan(body, zeros, xs)
     count = jax.lax.psum(tokens, batch_axes)
     nll = jax.lax.psum(nll, batch_axes)
-    g = treedef.unflatten([reduce(t, w) for t, w in
-                           zip(jax.tree.leaves(g), flat_layout)])
+    g = [sum_over(t, batch_axes, grad_dtype, ways) if v is None else t
+         for t, v in zip(g, views)]
     denom = jnp.maximum(count, 1.0)
-    return nll / denom, jax.tree.map(lambda t: t / denom, g)
+    return nll / denom, treedef.unflatten([t / denom for t in g])
 
-  ways = math.prod(sizes[a] for a in batch_axes)
   rows = P(batch_axes)
   fn = jax.shard_map(
       local, mesh=mesh,

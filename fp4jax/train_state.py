@@ -174,9 +174,11 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
   """One optimizer step on a global batch.
 
   With optim_cfg.grad_accum = n > 1 the batch's gradient is accumulated
-  over n microbatches (`_accumulated_grads`; with a low-precision
-  comm_dtype inside `comm.data_parallel_grads`), in f32, and reduced
-  across devices once.
+  over n microbatches, in f32: with f32 communication and replicated
+  parameters inside `comm.data_parallel_grads`, reduced once per step;
+  with sharded parameters by XLA (`_accumulated_grads`) or, with a
+  low-precision comm_dtype, by `comm.data_parallel_grads`, each
+  microbatch's gradient reduce-scattered onto the shards.
 
   Args:
     state: the current TrainState.
@@ -206,13 +208,18 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
   grad_params = optim.params_for_grad(state.params, optim_cfg)
   n = optim_cfg.grad_accum
   mesh = jax.sharding.get_abstract_mesh()
-  # Replicated parameters (no fsdp / tensor axis): accumulating inside
-  # fp4jax.comm's per-shard step costs no memory and reduces once per step.
-  # With sharded parameters XLA's accumulation keeps gradients sharded and
-  # so reduce-scatters each microbatch's: an unreduced full-size f32
-  # accumulator per device is what FSDP exists to avoid.
-  replicated = mesh.empty or all(mesh.shape[a] == 1 for a in mesh.axis_names
-                                 if a not in comm_axes)
+  # Replicated parameters (every leaf's spec on axes of size 1): f32
+  # accumulation inside fp4jax.comm's per-shard step costs no memory and
+  # reduces once per step. With sharded parameters (fsdp, tensor) XLA's own
+  # accumulation keeps gradients sharded and so reduce-scatters each
+  # microbatch's: an unreduced full-size f32 accumulator per device is
+  # what FSDP exists to avoid.
+  def sharded(spec):
+    return any(mesh.shape[a] > 1 for entry in spec for a in
+               ((entry,) if isinstance(entry, str) else tuple(entry or ())))
+  replicated = comm_specs is None or not any(
+      sharded(s) for s in jax.tree.leaves(
+          comm_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)))
   per_shard = comm_dtype != "float32" or (n > 1 and replicated
                                           and not mesh.empty)
   if not per_shard and n == 1:
@@ -224,8 +231,9 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
         grad_params, graphdef, batch, model_key, segment_ids=segment_ids,
         n=n, ways=ways, row_spec=(comm_axes,) if comm_axes else ())
   else:
-    # Per-shard gradients (accumulated over microbatches), reduced once,
-    # moving `comm_dtype` (fp4jax.comm).
+    # Per-shard gradients reduced moving `comm_dtype` (fp4jax.comm):
+    # FSDP-sharded leaves reduce-scattered in the backward, per
+    # microbatch; replicated ones accumulated and reduced once.
     def loss_sum(params, rows, key):
       return _nll_sum(params, graphdef, rows, key, segment_ids)
     keys = (model_key,) if n == 1 else (microbatch_keys(model_key, n),)
@@ -327,7 +335,8 @@ class Trainer:
     init: () -> TrainState, created already sharded.
     train_step: compiled (state, batch) -> (state, metrics); donates state.
     eval_step: compiled (params, rng, batch) -> {"nll_sum", "tokens"}.
-    compile_seconds: wall time spent lowering and compiling both steps.
+    compile_seconds: wall time spent lowering and compiling all steps.
+    train_compile_seconds: of which the train step's.
     telemetry_step: compiled (params, rng, batch) -> per-layer stats (see
       `telemetry_step`), or None when not asked for.
     train_step_hlo: the train step as lowered (StableHLO text, before the
@@ -348,6 +357,7 @@ class Trainer:
   compile_seconds: float
   telemetry_step: Callable[..., dict[str, Any]] | None = None
   train_step_hlo: str = ""
+  train_compile_seconds: float = 0.0
 
   def put_batch(self, local: Mapping[str, Any]) -> dict[str, jax.Array]:
     """This process's numpy rows -> global arrays placed per batch_sharding."""
@@ -587,10 +597,12 @@ def make_trainer(model_cfg: llama.LlamaConfig,
   # compiling ahead of time means each step is traced exactly once.
   with sharding.use_mesh(mesh, logical_rules):
     init_c = jax.jit(init, out_shardings=state_sh).lower().compile()
+    t_train = time.perf_counter()
     train_l = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
                       out_shardings=(state_sh, replicated),
                       donate_argnums=0).lower(abstract, abstract_batch)
     train_c = train_l.compile()
+    train_seconds = time.perf_counter() - t_train
     eval_c = jax.jit(eval_fn, in_shardings=(state_sh.params, replicated,
                                             batch_sh),
                      out_shardings=replicated).lower(
@@ -614,4 +626,5 @@ def make_trainer(model_cfg: llama.LlamaConfig,
                  state_shardings=state_sh, abstract_state=abstract,
                  batch_sharding=batch_sh, init=init_c, train_step=train_c,
                  eval_step=eval_c, compile_seconds=seconds,
-                 telemetry_step=tele_c, train_step_hlo=train_l.as_text())
+                 telemetry_step=tele_c, train_step_hlo=train_l.as_text(),
+                 train_compile_seconds=train_seconds)

@@ -141,10 +141,11 @@ def test_replicated_params_reduce_once_per_step_not_per_microbatch():
   assert entry > 0 and not loops, loops
 
 
-def test_low_precision_communication_accumulates_then_reduces_once(mesh):
-  """comm.grad_dtype=bfloat16 (the per-shard path of fp4jax.comm): the
-  accumulated local gradient is reduced once, so it matches one batch up
-  to the payload's own rounding."""
+def test_low_precision_communication_accumulates_microbatches(mesh):
+  """comm.grad_dtype=bfloat16 (the per-shard path of fp4jax.comm, fsdp 2):
+  each microbatch's gradient is reduce-scattered onto the shards and
+  summed there in f32, so the step matches one batch up to the payload's
+  own rounding."""
   batch = _batch()
   want = _step(_trainer("bf16", 1, mesh, comm_dtype="bfloat16"), batch)
   got = _step(_trainer("bf16", 2, mesh, comm_dtype="bfloat16"), batch)

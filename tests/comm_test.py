@@ -1,19 +1,26 @@
 """Low-precision gradient reduction (fp4jax.comm) against a float64 oracle."""
 
 import functools
+import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
+from jax.extend import core as jax_core
 from jax.sharding import PartitionSpec as P
 
 from configs import demo
 from fp4jax import comm
+from fp4jax import llama
 from fp4jax import runconfig
 from fp4jax import sharding
 from fp4jax import train
+import faults
 import harness
 
 # Mantissa bits (RNE: half an ulp <= |y| 2^-(m+1)) and smallest subnormal.
@@ -27,6 +34,13 @@ TIGHTNESS = 4.0
 # fp8 vs f32 gradient communication, 50 steps of the tiny model: the
 # issue's 1% budget on the final training loss.
 FP8_COMM_LOSS_RTOL = 0.01
+# 1 process of 8 devices vs 2 of 4 (gloo): the FP8 payloads move exactly
+# (collective permutes and all-gathers) and every f32 add of the ring
+# happens on the same device in the same order; only the f32 psums of the
+# loss and token count may associate differently (a few ulps, 2^-24
+# relative each, compounded over 6 steps). A row or shard sent to the
+# wrong device moves the loss by >= 1e-3.
+PROCESS_LOSS_RTOL = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -178,11 +192,13 @@ def test_fsdp_reduce_scatter_leaves_each_shard_its_block_of_the_sum(dtype):
   assert np.max(err / bound) >= 1 / TIGHTNESS, np.max(err / bound)
 
 
+@pytest.mark.parametrize("microbatches", [1, 2])
 @pytest.mark.parametrize("dtype", ["float32", "float8_e4m3fn"])
-def test_fsdp_gradient_comes_out_sharded_as_the_params(dtype):
+def test_fsdp_gradient_comes_out_sharded_as_the_params(dtype, microbatches):
   # A linear least-squares loss whose gradient numpy gives in float64:
   # w [16, 8] sharded over fsdp along dim 0, b [8] replicated; 16 rows
-  # over (data 2, fsdp 4).
+  # over (data 2, fsdp 4). With 2 microbatches, w is reduce-scattered per
+  # microbatch (device d's microbatch i: row 2 d + i) and b reduced once.
   mesh = sharding.make_mesh(2, 4, 1)
   rng = np.random.default_rng(4)
   w = rng.standard_normal((16, 8)).astype(np.float32)
@@ -197,7 +213,7 @@ def test_fsdp_gradient_comes_out_sharded_as_the_params(dtype):
 
   fn = jax.jit(lambda p, batch: comm.data_parallel_grads(
       loss_sum, p, batch, mesh=mesh, batch_axes=("data", "fsdp"),
-      grad_dtype=dtype, param_specs=specs))
+      grad_dtype=dtype, param_specs=specs, microbatches=microbatches))
   params = {k: jax.device_put(v, named[k]) for k, v in
             {"w": w, "b": b}.items()}
   batch = {"x": jax.device_put(x, jax.sharding.NamedSharding(
@@ -213,18 +229,172 @@ def test_fsdp_gradient_comes_out_sharded_as_the_params(dtype):
   # <= 2^-(m+1) of the sum of |addends| or half a subnormal over the
   # scale; the scale is > fmax / (16 amax) (room for 8 addends, rounded
   # down to a power of two), and a device's amax is at most 2 rows' terms.
+  # A reduction per microbatch (w) rounds relative to that microbatch's
+  # rows: the bounds of the microbatches add.
   m, sub = FORMATS["float8_e4m3fn"]
   for k in exact:
     got = np.asarray(grads[k], np.float64)
+    assert grads[k].dtype == jnp.float32
     if dtype == "float32":
       np.testing.assert_allclose(got, exact[k], rtol=1e-5, atol=1e-5)
       continue
     terms = (2 * np.abs(x64[:, :, None] * r[:, None, :]) if k == "w" else
              2 * np.abs(r))                 # per row's gradient [16, ...]
-    mass = terms.sum(0)
     floor = sub / 2 * 16 * 2 * terms.max() / _fmax("float8_e4m3fn")
-    bound = 4 * np.maximum(mass * 2.0**-(m + 1), floor) / 16
+    groups = ([terms[i::microbatches] for i in range(microbatches)]
+              if k == "w" else [terms])
+    bound = sum(4 * np.maximum(t.sum(0) * 2.0**-(m + 1), floor) / 16
+                for t in groups)
     assert np.all(np.abs(got - exact[k]) <= bound), k
+
+
+def _toy_fsdp_step(mesh, microbatches, via_f32=False):
+  """A toy model's comm gradient step on (data 2, fsdp 4): an embedding
+  table e [32, 24] (looked up: read in f32), a kernel w0 [24, 8] the
+  model casts to bf16 (or, `via_f32`, reads through an f32 add first, so
+  it is gathered in f32: the values of gathering the master), a bf16
+  kernel w1 [8, 20] and a replicated f32 gain g [20]."""
+  specs = {"e": P(None, "fsdp"), "w0": P("fsdp", None),
+           "w1": P(None, "fsdp"), "g": P()}
+
+  def loss_sum(p, rows):
+    w0 = (p["w0"] + 0.0) if via_f32 else p["w0"]
+    h = jnp.take(p["e"], rows["t"], axis=0).astype(jnp.bfloat16)
+    h = jnp.tanh(h @ w0.astype(jnp.bfloat16)) @ p["w1"]
+    y = h.astype(jnp.float32) * p["g"]
+    return jnp.sum(y * y), jnp.asarray(y.shape[0] * y.shape[1], jnp.float32)
+
+  def step(params, batch):
+    return comm.data_parallel_grads(
+        loss_sum, params, batch, mesh=mesh, batch_axes=("data", "fsdp"),
+        grad_dtype="float8_e4m3fn", param_specs=specs,
+        microbatches=microbatches)
+
+  rng = np.random.default_rng(5)
+  params = {"e": rng.standard_normal((32, 24)).astype(np.float32),
+            "w0": (rng.standard_normal((24, 8)) / 5).astype(np.float32),
+            "w1": (rng.standard_normal((8, 20)) / 3).astype(jnp.bfloat16),
+            "g": rng.standard_normal(20).astype(np.float32)}
+  params = {k: jax.device_put(v, jax.sharding.NamedSharding(mesh, specs[k]))
+            for k, v in params.items()}
+  batch = {"t": jax.device_put(
+      rng.integers(0, 32, (16, 4)).astype(np.int32),
+      jax.sharding.NamedSharding(mesh, P(("data", "fsdp"))))}
+  return step, params, batch
+
+
+def _body_arrays(jaxpr):
+  """(shape, dtype) of every value inside the shard_map of `jaxpr`,
+  nested jaxprs (scan bodies, the custom_vjp's backward) included."""
+  def walk(j):
+    for v in j.invars:
+      yield tuple(v.aval.shape), jnp.dtype(v.aval.dtype)
+    for eqn in j.eqns:
+      for v in eqn.outvars:
+        if hasattr(v.aval, "shape"):
+          yield tuple(v.aval.shape), jnp.dtype(v.aval.dtype)
+      for sub in jax_core.jaxprs_in_params(eqn.params):
+        yield from walk(sub)
+  (body,) = [sub for eqn in jaxpr.eqns if eqn.primitive.name == "shard_map"
+             for sub in jax_core.jaxprs_in_params(eqn.params)]
+  return set(walk(body))
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_fsdp_holds_no_full_size_f32_of_a_leaf_read_in_bf16(microbatches):
+  mesh = sharding.make_mesh(2, 4, 1)
+  step, params, batch = _toy_fsdp_step(mesh, microbatches)
+  arrays = _body_arrays(jax.make_jaxpr(step)(params, batch).jaxpr)
+  f32 = {s for s, d in arrays if d == jnp.float32}
+  bf16 = {s for s, d in arrays if d == jnp.bfloat16}
+  # The kernels read in bf16: gathered (and their cotangents) in bf16, no
+  # f32 copy of the full shape: not the parameter, not the gradient, not a
+  # microbatch accumulator; f32 only shard-sized (the reduced gradient).
+  assert (24, 8) in bf16 and (8, 20) in bf16
+  assert (24, 8) not in f32 and (8, 20) not in f32, sorted(f32)
+  assert (6, 8) in f32 and (8, 5) in f32
+  # The embedding's lookup reads it in f32 (its backward sums the rows of
+  # repeated tokens in f32): full-size f32 there, which shows the scan
+  # sees such arrays where they exist.
+  assert (32, 24) in f32
+  # ... as it sees the f32 gather of a kernel read through an f32 op.
+  step32, _, _ = _toy_fsdp_step(mesh, microbatches, via_f32=True)
+  assert (24, 8) in {s for s, d in _body_arrays(
+      jax.make_jaxpr(step32)(params, batch).jaxpr) if d == jnp.float32}
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_gathering_in_the_read_dtype_changes_no_value(microbatches):
+  # The bf16 gather of w0 against its f32 gather (the master, cast by
+  # the model): the model sees the same bf16 values, and the cotangent is
+  # the same bf16 values, widened chunk by chunk or at once.
+  mesh = sharding.make_mesh(2, 4, 1)
+  step, params, batch = _toy_fsdp_step(mesh, microbatches)
+  step32, _, _ = _toy_fsdp_step(mesh, microbatches, via_f32=True)
+  loss, grads = jax.jit(step)(params, batch)
+  loss32, grads32 = jax.jit(step32)(params, batch)
+  assert float(loss) == float(loss32)
+  for k in grads:
+    assert grads[k].dtype == jnp.float32, k      # the bf16 master's too
+    assert grads[k].sharding.is_equivalent_to(params[k].sharding, 2), k
+    np.testing.assert_array_equal(np.asarray(grads[k]),
+                                  np.asarray(grads32[k]), err_msg=k)
+
+
+def test_a_leaf_is_read_narrow_only_through_one_cast():
+  # The dtype a gather may move without changing a value or a cotangent:
+  # one cast to a narrower float (through calls and pass-throughs) and
+  # nothing else; repeated, looped, returned or widening reads keep the
+  # leaf's own.
+  bf16, f32 = jnp.bfloat16, jnp.float32
+
+  def loss(p, x):
+    a, b, c, d, e, f, g = p
+    inner = jax.jit(lambda w, v: (w, v.astype(bf16)))     # passes w through
+    a_out, b16 = inner(a, b)
+    y = jnp.sum(jax.checkpoint(lambda w: w.astype(bf16))(a_out) * x)
+    y = y + jnp.sum(b16) + jnp.sum(c.astype(bf16)) + jnp.sum(c.astype(bf16))
+    y = y + jax.lax.scan(lambda s, _: (s + d.astype(bf16).sum(), None),
+                         jnp.zeros([], bf16), None, length=2)[0]
+    y = y + jnp.sum(f.astype(jnp.float32)) + jnp.sum(g.astype(f32))
+    return y, e
+
+  leaf = jax.ShapeDtypeStruct((4,), f32)
+  params = [leaf] * 5 + [jax.ShapeDtypeStruct((4,), bf16), leaf]
+  got = comm.read_dtypes(loss, params, jax.ShapeDtypeStruct((4,), bf16))
+  assert got == [bf16, bf16, f32, f32, f32, bf16, f32], got
+
+
+@pytest.mark.parametrize("remat,tie", [("none", False), ("full", False),
+                                       ("quantized", False), ("none", True)])
+def test_the_model_reads_kernels_in_bf16_and_the_embedding_in_f32(remat, tie):
+  """What the FSDP gathers move, on the real model (its jaxpr, no FLOPs):
+  kernels in the compute dtype through any remat policy; the embedding
+  (a lookup, and with tied embeddings also the LM head) and the norm
+  gains in f32."""
+  c = demo.get_config("smoke,recipe=fp4_paper")
+  c = harness.set_keys(c, {"model.n_layers": 1, "model.remat": remat,
+                           "model.tie_embeddings": tie,
+                           "model.compute_dtype": "bfloat16"})
+  model_cfg = runconfig.model_config(c.model.to_dict(), c.data.vocab_size)
+  rules, _ = runconfig.quant_rules(c.quant)
+  model = nnx.eval_shape(lambda: llama.Llama(
+      model_cfg, rules=rules, rngs=nnx.Rngs(params=jax.random.key(0))))
+  graphdef, params = nnx.split(model, nnx.Param)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  rows = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+
+  def loss(leaves, tokens, key):
+    logits = nnx.merge(graphdef, treedef.unflatten(leaves))(tokens, key=key)
+    return jnp.sum(logits)
+
+  reads = comm.read_dtypes(loss, [v for _, v in flat], rows,
+                           jax.eval_shape(lambda: jax.random.key(0)))
+  got = {sharding.path_str(p): r for (p, _), r in zip(flat, reads)}
+  kernels = {p for p in got if ".kernel" in p}
+  assert len(kernels) == 7 + (not tie), sorted(got)
+  for p, dtype in got.items():
+    assert dtype == (jnp.bfloat16 if p in kernels else jnp.float32), p
 
 
 def test_f32_is_a_plain_psum(mesh):
@@ -237,24 +407,27 @@ def test_f32_is_a_plain_psum(mesh):
 def test_bad_dtype_and_mesh_are_one_line(mesh):
   with pytest.raises(ValueError, match="comm.grad_dtype must be one of"):
     comm.check("float16", mesh)
-  with pytest.raises(ValueError, match="needs mesh.tensor = 1"):
-    comm.check("float8_e4m3fn", sharding.make_mesh(4, 1, 2))
+  # Tensor parallelism inside the per-shard step is not supported: the
+  # refusal names both keys.
+  with pytest.raises(ValueError, match=r"^comm.grad_dtype=float8_e4m3fn "
+                     r"needs mesh.tensor = 1 [^\n]*$"):
+    comm.check("float8_e4m3fn", sharding.make_mesh(2, 2, 2))
   comm.check("float8_e4m3fn", sharding.make_mesh(4, 2, 1))   # FSDP: fine
 
 
-def _config(grad_dtype, steps, fsdp=1):
+def _config(grad_dtype, steps, fsdp=1, compute="float32"):
   c = demo.get_config("smoke,recipe=bf16")
   return harness.set_keys(c, {
       "mesh.data": 8 // fsdp, "mesh.fsdp": fsdp,
-      "model.n_layers": 1, "model.compute_dtype": "float32",
+      "model.n_layers": 1, "model.compute_dtype": compute,
       "num_steps": steps, "log_every": steps, "eval_steps": 0,
       "checkpoint_every": 1000, "comm.grad_dtype": grad_dtype,
       "optim.warmup_frac": 0.0})
 
 
 @functools.lru_cache(maxsize=None)
-def _trainer(grad_dtype, steps, fsdp=1):
-  cfg = _config(grad_dtype, steps, fsdp)
+def _trainer(grad_dtype, steps, fsdp=1, compute="float32"):
+  cfg = _config(grad_dtype, steps, fsdp, compute)
   model_cfg = runconfig.model_config(cfg.model.to_dict(), cfg.data.vocab_size)
   rules, _ = runconfig.quant_rules(cfg.quant)
   return train._make_trainer(  # pylint: disable=protected-access
@@ -302,6 +475,20 @@ def test_the_lowered_fsdp_step_scatters_fp8_onto_the_param_shards():
   assert not any("reduce_scatter" in l for l in hlo)
 
 
+def test_the_lowered_bf16_fsdp_step_gathers_the_kernels_in_bf16():
+  # bf16 compute: the 8 kernels are gathered as the model reads them; the
+  # embedding (a row lookup) in f32. The reduction is unchanged.
+  hlo = _trainer("float8_e4m3fn", 50, 4, "bfloat16").train_step_hlo
+  gathers = [l.split("->")[-1] for l in hlo.splitlines()
+             if "stablehlo.all_gather" in l and "f8E4M3FN>" not in l]
+  assert sum("bf16>" in l for l in gathers) == 8, gathers
+  assert sum("f32>" in l for l in gathers) == 1, gathers
+  fp8 = [l for l in hlo.splitlines() if ("stablehlo.all_gather" in l or
+                                         "stablehlo.collective_permute" in l)
+         and "f8E4M3FN>" in l.split("->")[-1]]
+  assert len(fp8) == 9 * (3 + 1) + 3 * 8, len(fp8)
+
+
 @pytest.mark.parametrize("fsdp", [1, 4])
 def test_fp8_communication_trains_like_f32(tmp_path, fsdp):
   losses = {}
@@ -314,3 +501,39 @@ def test_fp8_communication_trains_like_f32(tmp_path, fsdp):
   f32 = losses["float32"]
   for dtype in ("bfloat16", "float8_e4m3fn"):
     assert abs(losses[dtype] - f32) <= FP8_COMM_LOSS_RTOL * f32, losses
+
+
+def test_two_processes_reduce_fp8_like_one(tmp_path):
+  """data 2 x fsdp 4 over 2 processes of 4 CPU devices each (the FSDP ring
+  crosses the process boundary) with 2 microbatches (a reduce-scatter per
+  microbatch), against the same run on 8 devices of one process."""
+  args = ("--config=configs/demo.py:smoke,recipe=bf16", "--config.log_every=1",
+          "--config.model.compute_dtype=float32", "--config.eval_steps=0",
+          "--config.comm.grad_dtype=float8_e4m3fn", "--config.mesh.data=2",
+          "--config.mesh.fsdp=4", "--config.data.global_batch=16",
+          "--config.optim.grad_accum=2")
+  env = faults._env()   # pylint: disable=protected-access
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  r = subprocess.run([sys.executable, "-m", "fp4jax.main", *args,
+                      f"--workdir={tmp_path / 'one'}"], cwd=faults.ROOT,
+                     env=env, capture_output=True, text=True, timeout=600,
+                     check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+  env = faults._env()   # pylint: disable=protected-access
+  env.update(PYTHON=sys.executable, DEVICES_PER_PROCESS="4")
+  r = subprocess.run([str(faults.ROOT / "experiments" / "launch_local.sh"),
+                      "2", *args, f"--workdir={tmp_path / 'two'}"],
+                     cwd=faults.ROOT, env=env, capture_output=True, text=True,
+                     timeout=600, check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "process 1 of 2" in r.stderr and "process 0 of 2" in r.stderr
+
+  def losses(name):
+    recs = [json.loads(l) for l in
+            (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+  one, two = losses("one"), losses("two")
+  assert sorted(one) == sorted(two) == list(range(1, 7))
+  for step, loss in one.items():
+    assert abs(two[step] - loss) <= PROCESS_LOSS_RTOL * loss, (step, one, two)
