@@ -46,6 +46,7 @@ from fp4jax import llama
 from fp4jax import loop
 from fp4jax import metrics as metrics_lib
 from fp4jax import optim
+from fp4jax import plan
 from fp4jax import recast
 from fp4jax import rundir
 from fp4jax import runconfig
@@ -137,6 +138,10 @@ def train_and_evaluate(config, workdir: str, *,
   """
   run = runconfig.translate(config)
   mesh = sharding.make_mesh(**runconfig.mesh_axes(config))
+  # The memory plan (analytic, shapes only): a run that cannot fit
+  # mesh.device_memory_gb stops here, before data and compilation.
+  memory_plan = plan.check(config)
+  logging.info("%s", plan.report(memory_plan))
   pidx = jax.process_index()
   init_params = _hf_params(config, run.model)
   resume, ckpt_need = _check_workdir(config, run, mesh, workdir)

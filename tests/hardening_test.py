@@ -250,6 +250,8 @@ def test_the_lock_of_a_killed_run_is_not_stale(tmp_path):
      "profile_steps must be 'START,END'"),
     ((SMOKE, "--workdir=W", "--config.checkpoint_every_minutes=-1"),
      "checkpoint_every_minutes must be a number >= 0"),
+    ((SMOKE, "--workdir=W", "--config.mesh.device_memory_gb=0.000001"),
+     "exceeds mesh.device_memory_gb=1e-06 x 0.9 (largest: "),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, match):
   (tmp_path / "bad.py").write_text("def get_config(:\n")
