@@ -117,7 +117,9 @@ PER_ROW_GRADS = {"g_dgrad__axis": -1, "g_wgrad__axis": -1}
 
 
 @pytest.mark.parametrize("recipe,overrides", [
-    ("bf16", {}), ("fp4_paper", PER_ROW_GRADS)])
+    # bf16's equality is also checked (on the per-shard path) below.
+    pytest.param("bf16", {}, marks=pytest.mark.slow),
+    ("fp4_paper", PER_ROW_GRADS)])
 def test_microbatches_equal_one_batch(mesh, recipe, overrides):
   batch = _batch()
   want = _step(_trainer(recipe, 1, mesh, **overrides), batch)
@@ -141,6 +143,7 @@ def test_replicated_params_reduce_once_per_step_not_per_microbatch():
   assert entry > 0 and not loops, loops
 
 
+@pytest.mark.slow   # ~40 s: two more trainers
 def test_low_precision_communication_accumulates_microbatches(mesh):
   """comm.grad_dtype=bfloat16 (the per-shard path of fp4jax.comm, fsdp 2):
   each microbatch's gradient is reduce-scattered onto the shards and
@@ -152,6 +155,7 @@ def test_low_precision_communication_accumulates_microbatches(mesh):
   _assert_same(got, want, rtol=BF16_COMM_RTOL, atol_of_max=BF16_COMM_RTOL)
 
 
+@pytest.mark.slow   # ~60 s: two trainers and an eager oracle
 def test_per_tensor_gradient_scales_are_per_microbatch(mesh):
   """fp4_paper's E5M2 gradient scale is one per tensor the backward sees:
   with microbatches, one per microbatch, as the released code's is per

@@ -503,6 +503,7 @@ def test_fp8_communication_trains_like_f32(tmp_path, fsdp):
     assert abs(losses[dtype] - f32) <= FP8_COMM_LOSS_RTOL * f32, losses
 
 
+@pytest.mark.slow   # ~50-80 s; distributed_test runs 2 processes by default
 def test_two_processes_reduce_fp8_like_one(tmp_path):
   """data 2 x fsdp 4 over 2 processes of 4 CPU devices each (the FSDP ring
   crosses the process boundary) with 2 microbatches (a reduce-scatter per

@@ -55,7 +55,8 @@ def _loss_and_grads(model):
 
 # nvfp4 draws stochastic rounding for its gradients: the scanned layers must
 # use each layer's own draws, not layer 0's.
-@pytest.mark.parametrize("recipe", ["bf16", "fp4_paper", "nvfp4"])
+@pytest.mark.parametrize("recipe", [
+    "bf16", pytest.param("fp4_paper", marks=pytest.mark.slow), "nvfp4"])
 def test_scanned_layers_give_the_unrolled_loss_and_gradients(recipe):
   unrolled = _model(False, recipe)
   scanned = _model(True, recipe)
@@ -71,6 +72,7 @@ def test_scanned_layers_give_the_unrolled_loss_and_gradients(recipe):
         err_msg=str(path))
 
 
+@pytest.mark.slow   # ~30-50 s: a mutation check of the test above
 def test_layers_use_their_own_draws():
   """The check above can fail: scanning with every layer given layer 0's
   path ids changes a stochastic recipe's gradients."""
