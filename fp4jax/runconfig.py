@@ -22,6 +22,7 @@ from fp4jax import llama
 from fp4jax import optim
 from fp4jax import qconfig
 from fp4jax import qdot
+from fp4jax import sharding
 from fp4jax import sizes
 
 # LlamaConfig fields that choose how the model is executed, not what it
@@ -202,7 +203,7 @@ def mesh_axes(config) -> dict[str, int]:
   """The mesh section's axis sizes ({"data", "fsdp", "tensor"}), the
   arguments of `sharding.make_mesh` (the section also holds
   device_memory_gb, for `fp4jax.plan`)."""
-  return {k: config.mesh[k] for k in ("data", "fsdp", "tensor")}
+  return {k: config.mesh[k] for k in sharding.MESH_AXES}
 
 
 def profile_steps(value: Any) -> tuple[int, int] | None:
