@@ -25,8 +25,8 @@ At n = 2 the ring is a plain all-gather of the two payloads (the same
 bytes, one rounding fewer).
 
 The step using it computes each data shard's gradient in a `shard_map`
-over the mesh, fully manual: the model inside it runs on local arrays
-(activation constraints are skipped there). With FSDP (mesh.fsdp > 1)
+manual over the batch axes (data, fsdp): the model inside it runs on its
+rows (activation constraints are skipped there). With FSDP (mesh.fsdp > 1)
 the loss is differentiated with respect to the parameter shards: each
 sharded leaf is all-gathered in the dtype the model reads it in (a
 kernel the model casts to its compute dtype at use is gathered in that
@@ -40,8 +40,23 @@ narrower dtype. The gathered parameters stay live for the whole backward
 (the model's matmuls keep them). With microbatches (optim.grad_accum)
 the gather runs once per step and the reduce-scatter once per
 microbatch, into a shard-sized f32 accumulator; replicated leaves
-accumulate locally and are reduced once. Tensor parallelism (mesh.tensor > 1)
-would need collectives inside the model and is refused.
+accumulate locally and are reduced once.
+
+Tensor parallelism (mesh.tensor > 1): the tensor axis stays automatic
+inside the step, so XLA partitions the model there as it does without
+this module (its tensor-parallel collectives, in the model's dtypes).
+The gathers and the reductions above run on each device's tensor shard,
+in a nested shard_map manual over tensor as well (`_on_tensor_shards`;
+XLA would otherwise all-gather a tensor-sharded operand of a batch-axis
+collective first): a leaf P("fsdp", "tensor") is gathered over fsdp and
+reduce-scattered back in blocks of its tensor shard, and a leaf
+replicated over the batch axes but sharded over tensor is summed by a
+ring over its tensor shard's flattened block. The payload scale is still
+one per tensor: its pmax runs over the tensor axis too. Bytes moved per
+device, and the largest full-size array a device holds, shrink by the
+tensor size. Not supported (one-line ValueError, `check` with the
+specs): a dim sharded over both a batch axis and tensor, a leaf sharded
+over batch axes along two dims.
 
 Must not import: flax, optax, or fp4jax modules other than sharding and
 numerics (its exact power-of-two scales).
@@ -64,14 +79,23 @@ GRAD_DTYPES = ("float32", "bfloat16", "float8_e4m3fn", "float8_e5m2")
 MAX_SCALE_EXP = 64.0
 
 
-def check(grad_dtype: str, mesh: jax.sharding.Mesh) -> None:
-  """One-line ValueError for an unknown dtype or an unsupported mesh."""
+def check(grad_dtype: str, mesh: jax.sharding.Mesh | None = None,
+          param_specs: Any = None,
+          batch_axes: tuple[str, ...] = ("data", "fsdp")) -> None:
+  """One-line ValueError for an unknown dtype or an unsupported layout.
+
+  Any mesh works (data, fsdp, tensor); with `param_specs` (the params'
+  PartitionSpecs) each is checked as `data_parallel_grads` will split it
+  (low-precision dtypes only: float32 is XLA's own reduction).
+  """
   if grad_dtype not in GRAD_DTYPES:
     raise ValueError(f"comm.grad_dtype must be one of {GRAD_DTYPES}, got "
                      f"{grad_dtype!r}")
-  if grad_dtype != "float32" and mesh.shape["tensor"] > 1:
-    raise ValueError(f"comm.grad_dtype={grad_dtype} needs mesh.tensor = 1 "
-                     f"(data and fsdp axes only), got {dict(mesh.shape)}")
+  if grad_dtype != "float32" and mesh is not None and param_specs is not None:
+    sizes = dict(mesh.shape)
+    for spec in jax.tree.leaves(param_specs,
+                                is_leaf=lambda s: isinstance(s, P)):
+      _layout(spec, sizes, batch_axes)
 
 
 def pow2_scale(amax: jax.Array, dtype: Any) -> jax.Array:
@@ -99,7 +123,8 @@ def _cast(x: jax.Array, scale: jax.Array, low: Any) -> jax.Array:
 
 def _scale(x: jax.Array, axes: tuple[str, ...], n: int, low: Any
            ) -> jax.Array:
-  """The payload scale all devices of `axes` agree on (room for n addends)."""
+  """The payload scale all devices of `axes` agree on (room for n addends;
+  `axes` may include axes x is a shard of, not an addend along)."""
   # The max of |x| is one of x's values: exact in x's own dtype.
   amax = jax.lax.pmax(jnp.max(jnp.abs(x)).astype(jnp.float32), axes)
   return pow2_scale(n * amax, low)
@@ -132,7 +157,8 @@ def _ring_reduce_scatter(x: jax.Array, n: int, dim: int,
 
 
 def sum_over(x: jax.Array, axes: tuple[str, ...], dtype: str, n: int,
-             scale: jax.Array | None = None) -> jax.Array:
+             scale: jax.Array | None = None, agree: tuple[str, ...] = ()
+             ) -> jax.Array:
   """Sum of `x` over mesh `axes` (inside shard_map), moving `dtype`.
 
   Args:
@@ -141,7 +167,11 @@ def sum_over(x: jax.Array, axes: tuple[str, ...], dtype: str, n: int,
     dtype: a GRAD_DTYPES name; "float32" is a plain psum.
     n: the number of devices along `axes`.
     scale: the payload scale, when a wider reduction already agreed on
-      one (`scatter_over`); default: from the pmax of |x| over `axes`.
+      one (`scatter_over`); default: from the pmax of |x| over `axes`
+      and `agree`.
+    agree: further manual axes x is a shard of (tensor parallelism: each
+      device holds its tensor shard's block), not summed over: the scale
+      is agreed over them too, one scale for the whole tensor.
 
   Returns:
     float32, x's shape: the sum over the axes, the same on every device.
@@ -150,7 +180,7 @@ def sum_over(x: jax.Array, axes: tuple[str, ...], dtype: str, n: int,
   if dtype == "float32" or n == 1:
     return jax.lax.psum(x, axes)
   low = jnp.dtype(dtype)
-  scale = _scale(x, axes, n, low) if scale is None else scale
+  scale = _scale(x, axes + agree, n, low) if scale is None else scale
   if n == 2:
     both = jax.lax.all_gather(_cast(x, scale, low), axes, tiled=False)
     return jnp.sum(both.astype(jnp.float32), axis=0) / scale
@@ -163,8 +193,8 @@ def sum_over(x: jax.Array, axes: tuple[str, ...], dtype: str, n: int,
 
 
 def scatter_over(x: jax.Array, dim: int, shard_axes: tuple[str, ...],
-                 axes: tuple[str, ...], dtype: str, sizes: dict[str, int]
-                 ) -> jax.Array:
+                 axes: tuple[str, ...], dtype: str, sizes: dict[str, int],
+                 agree: tuple[str, ...] = ()) -> jax.Array:
   """Sum of `x` over `axes`, left scattered along `dim` over `shard_axes`.
 
   The FSDP gradient reduction: each device keeps the block of the sum its
@@ -182,6 +212,8 @@ def scatter_over(x: jax.Array, dim: int, shard_axes: tuple[str, ...],
     axes: all axes the batch rows are split over.
     dtype: a GRAD_DTYPES name.
     sizes: mesh axis sizes.
+    agree: further manual axes x is a shard of (tensor), as in
+      `sum_over`: the scale is agreed over them too.
 
   Returns:
     float32, x's shape with x.shape[dim] / prod(shard sizes) at `dim`:
@@ -195,24 +227,82 @@ def scatter_over(x: jax.Array, dim: int, shard_axes: tuple[str, ...],
                                 scatter_dimension=dim, tiled=True)
     return jax.lax.psum(part, rest) if rest else part
   low = jnp.dtype(dtype)
-  scale = _scale(x, axes, n_shard * n_rest, low)
+  scale = _scale(x, axes + agree, n_shard * n_rest, low)
   part = _ring_reduce_scatter(x, n_shard, dim, shard_axes, scale, low)
   return sum_over(part, rest, dtype, n_rest, scale) if rest else part
 
 
-def _shard_dim(spec: P, sizes: dict[str, int]
-               ) -> tuple[int, tuple[str, ...]] | None:
-  """(dim, its mesh axes of size > 1) of a parameter spec; None = whole."""
-  sharded = []
+def _axes(entry: Any) -> tuple[str, ...]:
+  return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def _layout(spec: P, sizes: dict[str, int], batch_axes: tuple[str, ...]
+            ) -> tuple[P, tuple[int, tuple[str, ...]] | None, P]:
+  """A parameter spec split between the manual batch axes and the rest.
+
+  Returns:
+    (the spec over the batch axes only: the shard_map's; (dim, its batch
+    axes of size > 1) or None = whole over them: what the step gathers and
+    reduce-scatters; the spec over the other (automatic: tensor) axes
+    only, which XLA keeps inside the step).
+
+  Raises:
+    ValueError: one line, for a layout the step does not support: sharded
+      over batch axes along two dims, or one dim over both batch axes and
+      others (tensor).
+  """
+  manual, auto, sharded = [], [], []
   for d, entry in enumerate(spec):
-    axes = tuple(a for a in ((entry,) if isinstance(entry, str)
-                             else tuple(entry or ())) if sizes[a] > 1)
-    if axes:
-      sharded.append((d, axes))
+    axes = _axes(entry)
+    mine = tuple(a for a in axes if a in batch_axes)
+    other = tuple(a for a in axes if a not in batch_axes)
+    manual.append(mine if len(mine) > 1 else (mine or (None,))[0])
+    auto.append(other if len(other) > 1 else (other or (None,))[0])
+    big = tuple(a for a in mine if sizes[a] > 1)
+    if big and any(sizes[a] > 1 for a in other):
+      raise ValueError(f"comm: a parameter dim sharded over both batch axes "
+                       f"{big} and {other} ({spec}) is not supported")
+    if big:
+      sharded.append((d, big))
   if len(sharded) > 1:
     raise ValueError(f"comm: a parameter sharded along more than one dim "
                      f"({spec}) is not supported")
-  return sharded[0] if sharded else None
+  return P(*manual), (sharded[0] if sharded else None), P(*auto)
+
+
+def _auto_axes(auto: P, sizes: dict[str, int]) -> tuple[str, ...]:
+  """The mesh axes of size > 1 an automatic-axes spec shards over."""
+  return tuple(a for e in auto for a in _axes(e) if sizes[a] > 1)
+
+
+def _on_tensor_shards(fn: Callable[..., jax.Array], auto: P,
+                      sizes: dict[str, int]) -> Callable[..., jax.Array]:
+  """fn run on each device's tensor shard: manual over `auto`'s axes too.
+
+  Inside the step (manual over the batch axes only) XLA partitions a
+  batch-axis collective as if its operand were replicated over the
+  automatic axes: it all-gathers a tensor-sharded operand first
+  (measured on XLA:CPU, jax 0.12: all_gather does; ppermute does not).
+  A nested shard_map over the automatic axes hands `fn` the local block
+  instead (spec `auto` in and out), so the gather and the reduction move
+  1/tensor of the leaf per device and no device holds it whole.
+
+  Args:
+    fn: (array, the manual tensor axes its scale must be agreed over:
+      `agree` of `sum_over`) -> array laid out as `auto`.
+    auto: the leaf's spec over the automatic axes (`_layout`).
+    sizes: mesh axis sizes.
+
+  Returns:
+    array -> fn's result; fn itself (agree = ()) when `auto` shards
+    nothing.
+  """
+  agree = _auto_axes(auto, sizes)
+  if not agree:
+    return lambda x: fn(x, ())
+  return jax.shard_map(lambda x: fn(x, agree), in_specs=auto,
+                       out_specs=auto, axis_names=frozenset(agree),
+                       check_vma=False)
 
 
 # Primitives that run their one sub-jaxpr once on their own operands, and
@@ -340,12 +430,14 @@ def data_parallel_grads(loss_sum: Callable[..., tuple[jax.Array, jax.Array]],
       shard's rows.
     params: the parameters, laid out as `param_specs`.
     batch: the global batch, rows sharded over `batch_axes`.
-    mesh: the device mesh (every axis goes manual).
+    mesh: the device mesh (the batch axes go manual; the others, tensor,
+      stay XLA's inside the model).
     batch_axes: the mesh axes the batch rows are split over.
     grad_dtype: a GRAD_DTYPES name.
     args: further replicated arguments of `loss_sum` (keys).
-    param_specs: PartitionSpecs of `params` (its structure); their sharded
-      axes must be among `batch_axes`. None = replicated.
+    param_specs: PartitionSpecs of `params` (its structure). A leaf may
+      be sharded over batch axes along one dim (FSDP) and over the other
+      axes (tensor) along others; see `_layout`. None = replicated.
     microbatches: n > 1: each shard's rows are split into n contiguous
       microbatches (n divides them), run one at a time in a `lax.scan`
       with their gradients summed in f32; `args` then carry a leading [n]
@@ -365,13 +457,12 @@ def data_parallel_grads(loss_sum: Callable[..., tuple[jax.Array, jax.Array]],
   sizes = dict(mesh.shape)
   if param_specs is None:
     param_specs = jax.tree.map(lambda _: P(), params)
-  spec_leaves = jax.tree.leaves(param_specs,
-                                is_leaf=lambda s: isinstance(s, P))
-  flat_layout = [_shard_dim(s, sizes) for s in spec_leaves]
-  for where in flat_layout:
-    if where is not None and not set(where[1]) <= set(batch_axes):
-      raise ValueError(f"comm: parameters sharded over {where[1]} (not a "
-                       f"batch axis {batch_axes}) are not supported")
+  spec_leaves, spec_def = jax.tree.flatten(
+      param_specs, is_leaf=lambda s: isinstance(s, P))
+  layouts = [_layout(s, sizes, batch_axes) for s in spec_leaves]
+  manual_specs = spec_def.unflatten([m for m, _, _ in layouts])
+  flat_layout = [w for _, w, _ in layouts]
+  flat_auto = [a for _, _, a in layouts]
   ways = math.prod(sizes[a] for a in batch_axes)
 
   def full_struct(p, where):
@@ -400,16 +491,19 @@ def data_parallel_grads(loss_sum: Callable[..., tuple[jax.Array, jax.Array]],
     reads = read_dtypes(loss_of, [full_struct(p, w) for p, w in
                                   zip(leaves, flat_layout)], *first)
     views, diff = [], []
-    for p, where, read in zip(leaves, flat_layout, reads):
+    for p, where, read, auto in zip(leaves, flat_layout, reads, flat_auto):
       if where is None:
         views.append(None)
         diff.append(p)
         continue
       dim, axes = where
-      full = jax.lax.all_gather(p.astype(read), axes, axis=dim, tiled=True)
-      reduce = functools.partial(scatter_over, dim=dim, shard_axes=axes,
-                                 axes=batch_axes, dtype=grad_dtype,
-                                 sizes=sizes)
+      full = _on_tensor_shards(
+          lambda x, _, dim=dim, axes=axes, read=read: jax.lax.all_gather(
+              x.astype(read), axes, axis=dim, tiled=True), auto, sizes)(p)
+      reduce = _on_tensor_shards(
+          lambda x, agree, dim=dim, axes=axes: scatter_over(
+              x, dim, axes, batch_axes, grad_dtype, sizes, agree),
+          auto, sizes)
       views.append(functools.partial(_reduced_view(reduce), full=full))
       # Differentiate w.r.t. the f32 shard: its gradient is the
       # reduction's f32 result (a bf16 master's own dtype would round it).
@@ -433,15 +527,21 @@ def data_parallel_grads(loss_sum: Callable[..., tuple[jax.Array, jax.Array]],
       (nll, tokens, g), _ = jax.lax.scan(body, zeros, xs)
     count = jax.lax.psum(tokens, batch_axes)
     nll = jax.lax.psum(nll, batch_axes)
-    g = [sum_over(t, batch_axes, grad_dtype, ways) if v is None else t
-         for t, v in zip(g, views)]
+    g = [_on_tensor_shards(
+        lambda x, agree: sum_over(x, batch_axes, grad_dtype, ways,
+                                  agree=agree), a, sizes)(t)
+         if v is None else t for t, v, a in zip(g, views, flat_auto)]
     denom = jnp.maximum(count, 1.0)
     return nll / denom, treedef.unflatten([t / denom for t in g])
 
   rows = P(batch_axes)
+  # Manual over the batch axes only: the others (tensor) stay XLA's, which
+  # partitions the model inside as it does outside (its collectives, in
+  # the model's dtypes; the arrays keep their tensor sharding).
   fn = jax.shard_map(
       local, mesh=mesh,
-      in_specs=(param_specs, jax.tree.map(lambda _: rows, batch),
+      in_specs=(manual_specs, jax.tree.map(lambda _: rows, batch),
                 *(P() for _ in args)),
-      out_specs=(P(), param_specs), check_vma=False)
+      out_specs=(P(), manual_specs), axis_names=frozenset(batch_axes),
+      check_vma=False)
   return fn(params, batch, *args)

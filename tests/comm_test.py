@@ -2,6 +2,8 @@
 
 import functools
 import json
+import math
+import re
 import subprocess
 import sys
 
@@ -59,19 +61,26 @@ def _fmax(dtype):
   return float(ml_dtypes.finfo(getattr(ml_dtypes, dtype)).max)
 
 
-def _bound(x, dtype):
+def _pow2_scale(dtype, n, amax):
+  """The payload scale for n addends of largest magnitude amax."""
+  # bf16 has f32's range: sent unscaled. FP8: the shared power of two.
+  return (1.0 if dtype == "bfloat16" else
+          2.0**min(np.floor(np.log2(_fmax(dtype) / (n * amax))),
+                   comm.MAX_SCALE_EXP))
+
+
+def _bound(x, dtype, amax=None):
   """Per-element error bound of the ring (n > 2) or all-gather (n = 2) sum.
 
   x: float64 [n, L], device i's addend in row i. Chunk j of the flat
   vector starts at device j + 1 and goes round the ring; every partial
-  sum that is sent, and the final sum, is rounded once.
+  sum that is sent, and the final sum, is rounded once. amax: the
+  largest |addend| the scale was agreed on (default: x's; a tensor
+  shard's ring shares its whole tensor's).
   """
   n, length = x.shape
   m, sub = FORMATS[dtype]
-  # bf16 has f32's range: sent unscaled. FP8: the shared power of two.
-  scale = (1.0 if dtype == "bfloat16" else
-           2.0**min(np.floor(np.log2(_fmax(dtype) / (n * np.abs(x).max()))),
-                    comm.MAX_SCALE_EXP))
+  scale = _pow2_scale(dtype, n, np.abs(x).max() if amax is None else amax)
   def rounding(v):
     return np.maximum(np.abs(v) * scale * 2.0**-(m + 1), sub / 2) / scale
   if n == 2:   # each addend rounded once, summed in f32
@@ -139,16 +148,15 @@ def test_extreme_gradients_stay_finite(mesh, dtype, magnitude):
     assert np.all(np.abs(out - exact) <= 8 * 2.0**-m * np.abs(x).sum(0))
 
 
-def _fsdp_bound(x, dtype, fsdp):
+def _fsdp_bound(x, dtype, fsdp, amax=None):
   """Bound of `scatter_over` on a (data 2, fsdp) mesh: x float64 [2 fsdp, L]
   (device g fsdp + r in row g fsdp + r), L the flat gradient; each data
   group's ring over fsdp leaves f32 partial sums, and the two groups'
-  partials are each rounded once and summed (sum_over at n = 2)."""
+  partials are each rounded once and summed (sum_over at n = 2). amax
+  as in `_bound`."""
   m, sub = FORMATS[dtype]
   n = x.shape[0]
-  scale = (1.0 if dtype == "bfloat16" else
-           2.0**min(np.floor(np.log2(_fmax(dtype) / (n * np.abs(x).max()))),
-                    comm.MAX_SCALE_EXP))
+  scale = _pow2_scale(dtype, n, np.abs(x).max() if amax is None else amax)
   def rounding(v):
     return np.maximum(np.abs(v) * scale * 2.0**-(m + 1), sub / 2) / scale
   bound = np.zeros(x.shape[1])
@@ -192,19 +200,28 @@ def test_fsdp_reduce_scatter_leaves_each_shard_its_block_of_the_sum(dtype):
   assert np.max(err / bound) >= 1 / TIGHTNESS, np.max(err / bound)
 
 
+# (data, fsdp, tensor) of the tensor-parallel tests: 8 devices.
+TP_MESH = (2, 2, 2)
+
+
+@pytest.mark.parametrize("layout", [(2, 4, 1), TP_MESH], ids=["fsdp4", "tp2"])
 @pytest.mark.parametrize("microbatches", [1, 2])
 @pytest.mark.parametrize("dtype", ["float32", "float8_e4m3fn"])
-def test_fsdp_gradient_comes_out_sharded_as_the_params(dtype, microbatches):
+def test_fsdp_gradient_comes_out_sharded_as_the_params(dtype, microbatches,
+                                                       layout):
   # A linear least-squares loss whose gradient numpy gives in float64:
-  # w [16, 8] sharded over fsdp along dim 0, b [8] replicated; 16 rows
-  # over (data 2, fsdp 4). With 2 microbatches, w is reduce-scattered per
-  # microbatch (device d's microbatch i: row 2 d + i) and b reduced once.
-  mesh = sharding.make_mesh(2, 4, 1)
+  # w [16, 8] sharded over fsdp along dim 0 (and over tensor along dim 1),
+  # b [8] replicated over the batch axes (sharded over tensor); 16 rows
+  # over data x fsdp. With 2 microbatches, w is reduce-scattered per
+  # microbatch (each shard's rows cut in 2 contiguous halves) and b
+  # reduced once.
+  mesh = sharding.make_mesh(*layout)
+  ways = layout[0] * layout[1]
   rng = np.random.default_rng(4)
   w = rng.standard_normal((16, 8)).astype(np.float32)
   b = rng.standard_normal(8).astype(np.float32)
   x = rng.standard_normal((16, 16)).astype(np.float32)
-  specs = {"w": P("fsdp", None), "b": P()}
+  specs = {"w": P("fsdp", "tensor"), "b": P("tensor")}
   named = {k: jax.sharding.NamedSharding(mesh, v) for k, v in specs.items()}
 
   def loss_sum(params, rows):
@@ -219,18 +236,22 @@ def test_fsdp_gradient_comes_out_sharded_as_the_params(dtype, microbatches):
   batch = {"x": jax.device_put(x, jax.sharding.NamedSharding(
       mesh, P(("data", "fsdp"))))}
   loss, grads = fn(params, batch)
-  assert grads["w"].sharding.is_equivalent_to(named["w"], 2)
+  for k in grads:
+    assert grads[k].sharding.is_equivalent_to(named[k], grads[k].ndim), k
   x64, w64, b64 = (v.astype(np.float64) for v in (x, w, b))
   r = x64 @ w64 + b64
   exact = {"w": 2 * x64.T @ r / 16, "b": 2 * r.sum(0) / 16}
   np.testing.assert_allclose(float(loss), (r * r).sum() / 16, rtol=1e-5)
   # f32: XLA's reductions (f32 rounding of 16-term sums). FP8: each of at
-  # most 4 roundings of a partial (3 in the fsdp ring, 1 across data) is
-  # <= 2^-(m+1) of the sum of |addends| or half a subnormal over the
-  # scale; the scale is > fmax / (16 amax) (room for 8 addends, rounded
-  # down to a power of two), and a device's amax is at most 2 rows' terms.
-  # A reduction per microbatch (w) rounds relative to that microbatch's
-  # rows: the bounds of the microbatches add.
+  # most 4 roundings of a partial (fsdp 4: 3 in the fsdp ring, 1 across
+  # data; fsdp 2: 1 and 1; b: a ring over all batch shards, 3 and the
+  # gather at 4 of them) is <= 2^-(m+1) of the sum of |addends| or half a
+  # subnormal over the scale; the scale is > fmax / (2 ways amax) (room
+  # for `ways` addends, rounded down to a power of two), and a device's
+  # amax is at most 16 / ways rows' terms. A reduction per microbatch (w)
+  # rounds relative to that microbatch's rows: the bounds of the
+  # microbatches add. The scale is one per tensor: over its tensor shards
+  # too.
   m, sub = FORMATS["float8_e4m3fn"]
   for k in exact:
     got = np.asarray(grads[k], np.float64)
@@ -241,21 +262,89 @@ def test_fsdp_gradient_comes_out_sharded_as_the_params(dtype, microbatches):
     terms = (2 * np.abs(x64[:, :, None] * r[:, None, :]) if k == "w" else
              2 * np.abs(r))                 # per row's gradient [16, ...]
     floor = sub / 2 * 16 * 2 * terms.max() / _fmax("float8_e4m3fn")
-    groups = ([terms[i::microbatches] for i in range(microbatches)]
+    micro = np.arange(16) % (16 // ways) // (16 // ways // microbatches)
+    groups = ([terms[micro == i] for i in range(microbatches)]
               if k == "w" else [terms])
     bound = sum(4 * np.maximum(t.sum(0) * 2.0**-(m + 1), floor) / 16
                 for t in groups)
     assert np.all(np.abs(got - exact[k]) <= bound), k
 
 
+def _linear_grads(mesh, specs, addends, dtype):
+  """data_parallel_grads of a loss linear in the params, one batch row per
+  batch shard (data x fsdp = 4): device i's gradient of leaf k is
+  addends[k][i] exactly, so the result is their reduced sum / 4 (the
+  token count: an exact power of two)."""
+  def loss_sum(p, rows):
+    return (sum(jnp.sum(p[k] * rows[k][0]) for k in sorted(p)),
+            jnp.ones([], jnp.float32))
+
+  named = lambda spec: jax.sharding.NamedSharding(mesh, spec)
+  params = {k: jax.device_put(np.zeros(a.shape[1:], np.float32),
+                              named(specs[k])) for k, a in addends.items()}
+  batch = {k: jax.device_put(a, named(P(("data", "fsdp"))))
+           for k, a in addends.items()}
+  _, grads = jax.jit(lambda p, rows: comm.data_parallel_grads(
+      loss_sum, p, rows, mesh=mesh, batch_axes=("data", "fsdp"),
+      grad_dtype=dtype, param_specs=specs))(params, batch)
+  for k in grads:
+    assert grads[k].sharding.is_equivalent_to(named(specs[k]),
+                                              grads[k].ndim), k
+  return grads
+
+
+@pytest.mark.parametrize("dtype", sorted(FORMATS))
+def test_tensor_parallel_reduction_is_within_the_rounding_bound(dtype):
+  # (data 2, fsdp 2, tensor 2). w [16, 12] P(fsdp, tensor): reduce-
+  # scattered over fsdp (then summed over data), each tensor shard's
+  # [16, 6] block on a ring of its own; v [10, 12] P(None, tensor) and b
+  # [12] P(tensor): replicated over the batch axes, each tensor shard's
+  # block flattened and summed on a ring over the 4 batch shards. The
+  # scale is one per tensor, agreed over its tensor shards too; the
+  # second tensor half is 2^-8 of the first, so a per-shard scale would
+  # round it differently.
+  mesh = sharding.make_mesh(*TP_MESH)
+  specs = {"w": P("fsdp", "tensor"), "v": P(None, "tensor"),
+           "b": P("tensor")}
+  rng = np.random.default_rng(6)
+  addends = {}
+  for k, shape in {"w": (4, 16, 12), "v": (4, 10, 12), "b": (4, 12)}.items():
+    a = rng.standard_normal(shape) * np.exp(rng.uniform(-12, 2, shape))
+    a[..., 6:] *= 2.0**-8
+    addends[k] = a.astype(np.float32)
+  grads = _linear_grads(mesh, specs, addends, dtype)
+  ratio = {}
+  for k, a in addends.items():
+    got = np.asarray(grads[k], np.float64) * 4
+    a = a.astype(np.float64)
+    amax = np.abs(a).max()
+    if k == "w":      # its fsdp blocks are the flat vector's ring chunks
+      bound = _fsdp_bound(a.reshape(4, -1), dtype, 2).reshape(a.shape[1:])
+    else:             # each tensor shard flattens its own block
+      bound = np.concatenate(
+          [_bound(h.reshape(4, -1), dtype, amax).reshape(h.shape[1:])
+           for h in (a[..., :6], a[..., 6:])], axis=-1)
+    err = np.abs(got - a.sum(0))
+    assert np.all(err <= bound), (k, np.max(err / bound))
+    ratio[k] = np.max(err / bound)
+  assert min(ratio.values()) >= 1 / TIGHTNESS, ratio
+  # w's blocks meet the same roundings without tensor parallelism (its
+  # ring slices the fsdp dim only), with the same scale: bit for bit.
+  flat = _linear_grads(sharding.make_mesh(2, 2, 1, jax.devices()[:4]),
+                       specs, addends, dtype)
+  np.testing.assert_array_equal(np.asarray(grads["w"]),
+                                np.asarray(flat["w"]))
+
+
 def _toy_fsdp_step(mesh, microbatches, via_f32=False):
-  """A toy model's comm gradient step on (data 2, fsdp 4): an embedding
-  table e [32, 24] (looked up: read in f32), a kernel w0 [24, 8] the
-  model casts to bf16 (or, `via_f32`, reads through an f32 add first, so
-  it is gathered in f32: the values of gathering the master), a bf16
-  kernel w1 [8, 20] and a replicated f32 gain g [20]."""
-  specs = {"e": P(None, "fsdp"), "w0": P("fsdp", None),
-           "w1": P(None, "fsdp"), "g": P()}
+  """A toy model's comm gradient step on (data 2, fsdp 4) or TP_MESH: an
+  embedding table e [32, 24] (looked up: read in f32), a kernel w0 [24, 8]
+  the model casts to bf16 (or, `via_f32`, reads through an f32 add first,
+  so it is gathered in f32: the values of gathering the master), a bf16
+  kernel w1 [8, 20] and a replicated f32 gain g [20]; sharded as the
+  model's (embed over fsdp; vocab and the hidden dim over tensor)."""
+  specs = {"e": P("tensor", "fsdp"), "w0": P("fsdp", "tensor"),
+           "w1": P("tensor", "fsdp"), "g": P()}
 
   def loss_sum(p, rows):
     w0 = (p["w0"] + 0.0) if via_f32 else p["w0"]
@@ -300,9 +389,12 @@ def _body_arrays(jaxpr):
   return set(walk(body))
 
 
+@pytest.mark.parametrize("layout", [(2, 4, 1), TP_MESH], ids=["fsdp4", "tp2"])
 @pytest.mark.parametrize("microbatches", [1, 2])
-def test_fsdp_holds_no_full_size_f32_of_a_leaf_read_in_bf16(microbatches):
-  mesh = sharding.make_mesh(2, 4, 1)
+def test_fsdp_holds_no_full_size_f32_of_a_leaf_read_in_bf16(microbatches,
+                                                            layout):
+  mesh = sharding.make_mesh(*layout)
+  _, fsdp, tp = layout
   step, params, batch = _toy_fsdp_step(mesh, microbatches)
   arrays = _body_arrays(jax.make_jaxpr(step)(params, batch).jaxpr)
   f32 = {s for s, d in arrays if d == jnp.float32}
@@ -310,25 +402,84 @@ def test_fsdp_holds_no_full_size_f32_of_a_leaf_read_in_bf16(microbatches):
   # The kernels read in bf16: gathered (and their cotangents) in bf16, no
   # f32 copy of the full shape: not the parameter, not the gradient, not a
   # microbatch accumulator; f32 only shard-sized (the reduced gradient).
-  assert (24, 8) in bf16 and (8, 20) in bf16
-  assert (24, 8) not in f32 and (8, 20) not in f32, sorted(f32)
-  assert (6, 8) in f32 and (8, 5) in f32
+  # With tensor parallelism the gather and the reduction run on each
+  # device's tensor shard (a nested shard_map: local shapes): there, the
+  # whole (over fsdp) tensor shard is bf16 only, and so is the kernel's
+  # full shape in the step's body (global over tensor).
+  w0, w1 = (24, 8 // tp), (8 // tp, 20)
+  assert w0 in bf16 and w1 in bf16
+  for full in {w0, w1, (24, 8), (8, 20)}:
+    assert full not in f32, (full, sorted(f32))
+  assert (24 // fsdp, 8 // tp) in f32 and (8 // tp, 20 // fsdp) in f32
   # The embedding's lookup reads it in f32 (its backward sums the rows of
   # repeated tokens in f32): full-size f32 there, which shows the scan
   # sees such arrays where they exist.
-  assert (32, 24) in f32
+  assert (32 // tp, 24) in f32
   # ... as it sees the f32 gather of a kernel read through an f32 op.
   step32, _, _ = _toy_fsdp_step(mesh, microbatches, via_f32=True)
-  assert (24, 8) in {s for s, d in _body_arrays(
+  assert w0 in {s for s, d in _body_arrays(
       jax.make_jaxpr(step32)(params, batch).jaxpr) if d == jnp.float32}
 
 
+def _collectives(text, dtype=None):
+  """The result types of the StableHLO collectives in `text` that move
+  data (all_gather, collective_permute), of `dtype` ("f8E4M3FN", "bf16",
+  ...) if given."""
+  out = []
+  for line in text.splitlines():
+    if ("stablehlo.all_gather" in line or
+        "stablehlo.collective_permute" in line):
+      result = line.split("->")[-1]
+      if dtype is None or f"x{dtype}>" in result:
+        out.append(result.strip())
+  return out
+
+
+def test_the_lowered_tensor_parallel_step_moves_fp8_tensor_shards():
+  # The toy step on TP_MESH: each sharded leaf's reduction is 1 ring step
+  # over fsdp 2 and the data all-gather of the two partials, its gather
+  # one all-gather over fsdp; the replicated gain's, 3 ring steps over the
+  # 4 batch shards and an all-gather. Every payload is a tensor shard's:
+  # XLA adds no collective of its own to move one (its only ones are the
+  # model's tensor-parallel all-reduces).
+  mesh = sharding.make_mesh(*TP_MESH)
+  step, params, batch = _toy_fsdp_step(mesh, 1)
+  lowered = jax.jit(step).lower(params, batch)
+  text = lowered.as_text()
+  fp8 = _collectives(text, "f8E4M3FN")
+  assert len(fp8) == 3 * (1 + 1) + (3 + 1), fp8
+  assert len(_collectives(text)) == len(fp8) + 3
+  # The gathers: e in f32 (vocab over tensor: [16, 12] -> [16, 24]), the
+  # kernels in bf16; each a tensor shard, gathered over fsdp.
+  assert sorted(set(_collectives(text)) - set(fp8)) == sorted([
+      "tensor<16x24xf32>", "tensor<24x4xbf16>", "tensor<4x20xbf16>"])
+  # The FP8 payloads: blocks of the tensor shards [16, 12], [12, 4],
+  # [4, 10] (ring step; then both data groups' gathered) and of the gain.
+  assert sorted(set(fp8)) == sorted([
+      "tensor<16x12xf8E4M3FN>", "tensor<2x16x12xf8E4M3FN>",
+      "tensor<12x4xf8E4M3FN>", "tensor<2x12x4xf8E4M3FN>",
+      "tensor<4x10xf8E4M3FN>", "tensor<2x4x10xf8E4M3FN>",
+      "tensor<5xf8E4M3FN>", "tensor<20xf8E4M3FN>"]), fp8
+  assert not any("all_reduce" in l and "f8E4M3FN" in l
+                 for l in text.splitlines())
+  assert "reduce_scatter" not in text
+  # What XLA's partitioner inserted (tensor parallelism inside the step):
+  # all-reduces only, none that gathers or moves a parameter or gradient.
+  added = [l for l in lowered.compile().as_text().splitlines()
+           if "is_spmd_generated" in l and " = " in l and any(
+               f" {op}(" in l or f" {op}-start(" in l for op in (
+                   "all-gather", "collective-permute", "all-to-all",
+                   "reduce-scatter", "all-reduce"))]
+  assert added and all(" all-reduce" in l for l in added), added
+
+
+@pytest.mark.parametrize("layout", [(2, 4, 1), TP_MESH], ids=["fsdp4", "tp2"])
 @pytest.mark.parametrize("microbatches", [1, 2])
-def test_gathering_in_the_read_dtype_changes_no_value(microbatches):
+def test_gathering_in_the_read_dtype_changes_no_value(microbatches, layout):
   # The bf16 gather of w0 against its f32 gather (the master, cast by
   # the model): the model sees the same bf16 values, and the cotangent is
   # the same bf16 values, widened chunk by chunk or at once.
-  mesh = sharding.make_mesh(2, 4, 1)
+  mesh = sharding.make_mesh(*layout)
   step, params, batch = _toy_fsdp_step(mesh, microbatches)
   step32, _, _ = _toy_fsdp_step(mesh, microbatches, via_f32=True)
   loss, grads = jax.jit(step)(params, batch)
@@ -404,21 +555,40 @@ def test_f32_is_a_plain_psum(mesh):
                              rtol=8 * F32_EPS * 10, atol=1e-6)
 
 
-def test_bad_dtype_and_mesh_are_one_line(mesh):
+def test_bad_dtype_and_layouts_are_one_line(mesh):
   with pytest.raises(ValueError, match="comm.grad_dtype must be one of"):
     comm.check("float16", mesh)
-  # Tensor parallelism inside the per-shard step is not supported: the
-  # refusal names both keys.
-  with pytest.raises(ValueError, match=r"^comm.grad_dtype=float8_e4m3fn "
-                     r"needs mesh.tensor = 1 [^\n]*$"):
-    comm.check("float8_e4m3fn", sharding.make_mesh(2, 2, 2))
-  comm.check("float8_e4m3fn", sharding.make_mesh(4, 2, 1))   # FSDP: fine
+  # Every mesh is fine: tensor parallelism included.
+  tp = sharding.make_mesh(*TP_MESH)
+  for m in (tp, sharding.make_mesh(4, 2, 1), sharding.make_mesh(4, 1, 2)):
+    comm.check("float8_e4m3fn", m)
+  # The model's layouts too (a kernel over fsdp and tensor, the embedding
+  # over tensor and fsdp, a norm replicated).
+  good = {"k": P("fsdp", "tensor"), "e": P("tensor", "fsdp"), "n": P(None)}
+  comm.check("float8_e4m3fn", tp, good)
+  # What the step cannot split stays a one-line refusal: one dim over a
+  # batch axis and tensor (the gather would interleave them), a leaf over
+  # batch axes along two dims; from check and from the step itself.
+  x = jax.device_put(np.zeros((8, 16), np.float32))
+  for spec, why in ((P(("fsdp", "tensor")), "both batch axes"),
+                    (P("fsdp", "data"), "more than one dim")):
+    with pytest.raises(ValueError, match=rf"^comm: [^\n]*{why}[^\n]*$"):
+      comm.check("float8_e4m3fn", tp, {**good, "k": spec})
+    with pytest.raises(ValueError) as err:   # (jax notes its traceback)
+      jax.eval_shape(lambda p, rows: comm.data_parallel_grads(
+          lambda p, r: (jnp.sum(p["k"]) * jnp.sum(r["x"]), jnp.ones([])),
+          p, rows, mesh=tp, batch_axes=("data", "fsdp"),
+          grad_dtype="float8_e4m3fn", param_specs={"k": spec}),
+          {"k": x}, {"x": x})
+    assert re.fullmatch(rf"comm: [^\n]*{why}[^\n]*", str(err.value))
+    comm.check("float32", tp, {"k": spec})    # XLA's own reduction
 
 
-def _config(grad_dtype, steps, fsdp=1, compute="float32"):
+def _config(grad_dtype, steps, fsdp=1, compute="float32", tensor=1):
   c = demo.get_config("smoke,recipe=bf16")
   return harness.set_keys(c, {
-      "mesh.data": 8 // fsdp, "mesh.fsdp": fsdp,
+      "mesh.data": 8 // fsdp // tensor, "mesh.fsdp": fsdp,
+      "mesh.tensor": tensor,
       "model.n_layers": 1, "model.compute_dtype": compute,
       "num_steps": steps, "log_every": steps, "eval_steps": 0,
       "checkpoint_every": 1000, "comm.grad_dtype": grad_dtype,
@@ -426,13 +596,14 @@ def _config(grad_dtype, steps, fsdp=1, compute="float32"):
 
 
 @functools.lru_cache(maxsize=None)
-def _trainer(grad_dtype, steps, fsdp=1, compute="float32"):
-  cfg = _config(grad_dtype, steps, fsdp, compute)
+def _trainer(grad_dtype, steps, fsdp=1, compute="float32", tensor=1):
+  cfg = _config(grad_dtype, steps, fsdp, compute, tensor)
   model_cfg = runconfig.model_config(cfg.model.to_dict(), cfg.data.vocab_size)
   rules, _ = runconfig.quant_rules(cfg.quant)
   return train._make_trainer(  # pylint: disable=protected-access
       model_cfg, rules, train.optim.OptimConfig(**cfg.optim.to_dict()),
-      num_steps=steps, mesh=sharding.make_mesh(8 // fsdp, fsdp, 1),
+      num_steps=steps,
+      mesh=sharding.make_mesh(8 // fsdp // tensor, fsdp, tensor),
       global_batch=cfg.data.global_batch, seq_len=cfg.data.seq_len,
       seed=cfg.seed, comm_dtype=grad_dtype)
 
@@ -489,11 +660,63 @@ def test_the_lowered_bf16_fsdp_step_gathers_the_kernels_in_bf16():
   assert len(fp8) == 9 * (3 + 1) + 3 * 8, len(fp8)
 
 
-@pytest.mark.parametrize("fsdp", [1, 4])
-def test_fp8_communication_trains_like_f32(tmp_path, fsdp):
+def _numel(result_type):
+  """Elements of a StableHLO result type "tensor<2x32x64xf8E4M3FN>"."""
+  return math.prod(int(d) for d in result_type.split("<")[1].split("x")[:-1])
+
+
+def test_the_lowered_tensor_parallel_step_scatters_fp8_onto_the_param_shards():
+  # data 2 x fsdp 2 x tensor 2, bf16 compute. The model runs tensor-
+  # parallel inside the step (XLA's partitioning); the gathers and the FP8
+  # reduction run on each device's tensor shard.
+  trainer = _trainer("float8_e4m3fn", 50, 2, "bfloat16", 2)
+  hlo = trainer.train_step_hlo
+  specs = jax.tree.leaves(jax.tree.map(lambda sh: sh.spec,
+                                       trainer.state_shardings.params),
+                          is_leaf=lambda s: isinstance(s, P))
+  sizes = [math.prod(p.shape) for p in
+           jax.tree.leaves(trainer.abstract_state.params)]
+  # The tiny model: 9 kernels and embeddings over fsdp and tensor, 3 norms
+  # replicated.
+  assert [("fsdp" in str(s), "tensor" in str(s)) for s in specs].count(
+      (True, True)) == 9 and len(specs) == 12, specs
+  fp8 = _collectives(hlo, "f8E4M3FN")
+  gathers = [r for r in _collectives(hlo) if r not in fp8]
+  # Sharded leaf: 1 ring step over fsdp 2 moving a quarter of it (its
+  # fsdp block of its tensor shard), then data 2's all-gather of the two
+  # partials; replicated leaf: 3 ring steps over the 4 batch shards and
+  # the all-gather of the sums. Each sharded leaf gathered once, its
+  # tensor shard only (half of it): kernels in bf16, the embedding in f32.
+  want = sorted([n // 4 for n, s in zip(sizes, specs) if "fsdp" in str(s)]
+                + [2 * n // 4 for n, s in zip(sizes, specs)
+                   if "fsdp" in str(s)]
+                + [n // 4 for n, s in zip(sizes, specs)
+                   if "fsdp" not in str(s) for _ in range(3)]
+                + [n for n, s in zip(sizes, specs) if "fsdp" not in str(s)])
+  assert sorted(_numel(r) for r in fp8) == want, fp8
+  assert sorted(_numel(r) for r in gathers) == sorted(
+      n // 2 for n, s in zip(sizes, specs) if "fsdp" in str(s)), gathers
+  assert sum("bf16>" in r for r in gathers) == 8, gathers
+  assert not any("all_reduce" in l and "f8E4M3FN" in l
+                 for l in hlo.splitlines())
+  assert "reduce_scatter" not in hlo
+  # XLA's partitioner adds only the model's tensor-parallel all-reduces
+  # (and the optimizer's norms): nothing that gathers a parameter or a
+  # gradient over tensor.
+  added = [l for l in trainer.train_step.as_text().splitlines()
+           if "is_spmd_generated" in l and any(
+               f" {op}(" in l or f" {op}-start(" in l for op in (
+                   "all-gather", "collective-permute", "all-to-all",
+                   "reduce-scatter"))]
+  assert not added, added
+
+
+@pytest.mark.parametrize("fsdp,tensor", [
+    (1, 1), (4, 1), pytest.param(2, 2, marks=pytest.mark.slow)])
+def test_fp8_communication_trains_like_f32(tmp_path, fsdp, tensor):
   losses = {}
   for dtype in ("float32", "bfloat16", "float8_e4m3fn"):
-    state = train.train_and_evaluate(_config(dtype, 50, fsdp),
+    state = train.train_and_evaluate(_config(dtype, 50, fsdp, tensor=tensor),
                                      str(tmp_path / dtype))
     del state
     rec = (tmp_path / dtype / "metrics.jsonl").read_text().splitlines()[-1]
@@ -504,15 +727,17 @@ def test_fp8_communication_trains_like_f32(tmp_path, fsdp):
 
 
 @pytest.mark.slow   # ~50-80 s; distributed_test runs 2 processes by default
-def test_two_processes_reduce_fp8_like_one(tmp_path):
-  """data 2 x fsdp 4 over 2 processes of 4 CPU devices each (the FSDP ring
-  crosses the process boundary) with 2 microbatches (a reduce-scatter per
-  microbatch), against the same run on 8 devices of one process."""
+@pytest.mark.parametrize("fsdp,tensor", [(4, 1), (2, 2)])
+def test_two_processes_reduce_fp8_like_one(tmp_path, fsdp, tensor):
+  """data 2 x fsdp 4 (or x fsdp 2 x tensor 2) over 2 processes of 4 CPU
+  devices each (the FSDP ring, or the data all-gather, crosses the process
+  boundary) with 2 microbatches (a reduce-scatter per microbatch), against
+  the same run on 8 devices of one process."""
   args = ("--config=configs/demo.py:smoke,recipe=bf16", "--config.log_every=1",
           "--config.model.compute_dtype=float32", "--config.eval_steps=0",
           "--config.comm.grad_dtype=float8_e4m3fn", "--config.mesh.data=2",
-          "--config.mesh.fsdp=4", "--config.data.global_batch=16",
-          "--config.optim.grad_accum=2")
+          f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}",
+          "--config.data.global_batch=16", "--config.optim.grad_accum=2")
   env = faults._env()   # pylint: disable=protected-access
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   r = subprocess.run([sys.executable, "-m", "fp4jax.main", *args,
