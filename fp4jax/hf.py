@@ -48,9 +48,11 @@ def to_hf_tensors(params: dict[str, Any], cfg: llama.LlamaConfig
     cfg: the model's config.
 
   Returns:
-    {HF tensor name: float32 array}, kernels transposed to [out, in].
+    {HF tensor name: float32 array}, kernels transposed to [out, in]. The
+    layers may be stacked (`llama.stack_layers`) or one entry each.
   """
   f32 = lambda a: np.asarray(a, np.float32)   # noqa: E731
+  params = llama.unstack_layers(params)   # stacked (scanned layers) or not
   out = {"model.embed_tokens.weight": f32(params["embed"]),
          "model.norm.weight": f32(params["final_norm"]["scale"])}
   for i in range(cfg.n_layers):
@@ -69,7 +71,8 @@ def to_hf_tensors(params: dict[str, Any], cfg: llama.LlamaConfig
 
 def from_hf_tensors(tensors: dict[str, np.ndarray], cfg: llama.LlamaConfig
                     ) -> dict[str, Any]:
-  """fp4jax pure-dict param tree (float32) of HF LLaMA tensors.
+  """fp4jax pure-dict param tree (float32) of HF LLaMA tensors, in cfg's
+  layer layout (stacked when cfg.scan_layers).
 
   Raises:
     ValueError: one line naming a tensor that is missing or misshapen.
@@ -107,7 +110,7 @@ def from_hf_tensors(tensors: dict[str, np.ndarray], cfg: llama.LlamaConfig
   if not cfg.tie_embeddings:
     params["lm_head"] = {"kernel": np.ascontiguousarray(
         take("lm_head.weight", (cfg.vocab_size, d)).T)}
-  return params
+  return llama.stack_layers(params) if cfg.scan_layers else params
 
 
 def hf_config(cfg: llama.LlamaConfig, *, bos_id: int, eos_id: int

@@ -11,6 +11,13 @@ into `qdot.qmatmul`. Attention score/value matmuls, norms and the embedding
 lookup are never quantized. Parameters carry logical axis names (see
 `fp4jax.sharding`); activations are constrained at block boundaries.
 
+Two parameter layouts: one `Block` per layer ("layers.<i>.attn.q_proj.
+kernel" [K, N]), or, with `LlamaConfig.scan_layers`, one stacked `Block`
+whose parameters carry a leading layer axis ("layers.attn.q_proj.kernel"
+[L, K, N], logical axis LAYER_AXIS), run by one `lax.scan`, so the train
+step (optimizer included) compiles one layer whatever the depth.
+`stack_layers` / `unstack_layers` translate dicts between the two.
+
 Must not import: ml_collections, tensorflow_datasets, grain, or fp4jax
 modules to the right of this one (optim, data, checkpoint, train, main).
 """
@@ -20,10 +27,12 @@ import dataclasses
 import functools
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fp4jax import qconfig
@@ -59,10 +68,16 @@ REMAT_POLICIES = {
 }
 REMATS = tuple(REMAT_POLICIES)
 
-# While a scanned layer runs: {projection path below "layers.<i>." (e.g.
-# "attn.q_proj"): that path's `path_id` in the layer being run, traced}.
-_LAYER_PIDS: contextvars.ContextVar[dict[str, jax.Array] | None] = (
-    contextvars.ContextVar("fp4jax_layer_pids", default=None))
+# The logical name of the leading axis of layer-stacked parameters
+# (LlamaConfig.scan_layers); never sharded (sharding.LOGICAL_RULES).
+LAYER_AXIS = "layers"
+
+# While a stacked layer runs (LlamaConfig.scan_layers): ({projection path
+# below "layers.<i>." (e.g. "attn.q_proj"): that path's `path_id` in the
+# layer being run, traced under the scan}, "layers.<i>" when i is known
+# in Python (the telemetry loop) else None).
+_LAYER: contextvars.ContextVar[tuple[dict[str, Any], str | None] | None] = (
+    contextvars.ContextVar("fp4jax_layer", default=None))
 
 
 def attention_impl(attention: str, segmented: bool = False) -> str:
@@ -106,6 +121,12 @@ class LlamaConfig:
       values, key draws included; bit for bit where XLA keeps no excess
       precision (xla_allow_excess_precision=false), as it may round bf16
       intermediates of a recomputed block at other places.
+    scan_layers: the decoder stack as one `lax.scan` over layer-stacked
+      parameters ([L, ...] per block parameter, see the module docstring):
+      the step compiles one block whatever the depth; the same values as
+      the unrolled model holding the same parameters. Per-layer recipe
+      rules are refused under it. Checkpoints and HF exports move between
+      the layouts (`recast`, `hf`).
   """
   vocab_size: int
   d_model: int
@@ -240,15 +261,18 @@ class QDense(nnx.Module):
                ) -> jax.Array:
     """x: [..., in] -> [..., out] in out_dtype."""
     kernel = self.kernel[...].astype(self.compute_dtype)
-    pid = self.pid
-    scanned = _LAYER_PIDS.get()
-    if scanned is not None:
-      # Under scanned layers this module is layer 0's; the scan hands over
-      # the id of the layer it is running, so the randomness per path is
-      # the unrolled model's.
-      pid = scanned[self.path.split(".", 2)[2]]
+    pid, path = self.pid, self.path
+    layer = _LAYER.get()
+    if layer is not None:
+      # A stacked block's modules are built as layer 0's; the caller hands
+      # over the ids (and, when known, the path) of the layer it runs, so
+      # the randomness per path is the unrolled model's.
+      pids, prefix = layer
+      suffix = path.split(".", 2)[2]
+      pid = pids[suffix]
+      path = path if prefix is None else f"{prefix}.{suffix}"
     return qdense(x.astype(self.compute_dtype), kernel, self.recipe, key,
-                  pid, self.out_dtype, self.path, self.pack)
+                  pid, self.out_dtype, path, self.pack)
 
 
 class RMSNorm(nnx.Module):
@@ -427,6 +451,47 @@ def _check_uniform_layers(table: dict) -> None:
           f"scan_layers=False")
 
 
+def _stacked_blocks(cfg: LlamaConfig, table: dict, rngs: nnx.Rngs) -> Block:
+  """One Block whose parameters are stacked on a leading [n_layers] axis
+  (logical name LAYER_AXIS), each layer initialised from its own key; built
+  by one vmapped program, so initialisation, too, compiles one layer."""
+  @nnx.split_rngs(splits=cfg.n_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0,
+            transform_metadata={nnx.PARTITION_NAME: LAYER_AXIS})
+  def build(layer_rngs):
+    return Block(cfg, 0, table, layer_rngs)
+  return build(rngs)
+
+
+def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+  """A pure-dict param tree ({"layers": {i: layer}, ...}) in the stacked
+  layout ({"layers": layer with a leading [L] axis on every leaf});
+  unchanged if already stacked. numpy and jax arrays alike."""
+  layers = params["layers"]
+  if not _per_layer(layers):
+    return dict(params)
+  ordered = [layers[k] for k in sorted(layers, key=int)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs) if isinstance(
+      xs[0], jax.Array) else np.stack(xs), *ordered)
+  return {**params, "layers": stacked}
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+  """The inverse of `stack_layers`: {"layers": {i: layer i}}; unchanged if
+  already one entry per layer."""
+  layers = params["layers"]
+  if _per_layer(layers):
+    return dict(params)
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return {**params, "layers": {
+      i: jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)}}
+
+
+def _per_layer(layers: Mapping[Any, Any]) -> bool:
+  """Whether a "layers" subtree is keyed by layer index."""
+  return all(isinstance(k, int) or str(k).isdigit() for k in layers)
+
+
 class Llama(nnx.Module):
   """LLaMA decoder-only LM.
 
@@ -458,8 +523,11 @@ class Llama(nnx.Module):
                                ("vocab", "embed"))
     self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model),
                                 jnp.dtype(cfg.param_dtype)))
-    self.layers = nnx.List([Block(cfg, i, table, rngs)
-                            for i in range(cfg.n_layers)])
+    if cfg.scan_layers:
+      self.layers = _stacked_blocks(cfg, table, rngs)
+    else:
+      self.layers = nnx.List([Block(cfg, i, table, rngs)
+                              for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg)
     self.lm_recipe = table["lm_head"]
     self.lm_pid = path_id("lm_head")
@@ -474,42 +542,57 @@ class Llama(nnx.Module):
     """Projection path -> recipe name, or "none" when not quantized."""
     return dict(self._quant_items)
 
-  def _scan_layers(self, block_fn, x, positions, mask, key):
-    """The decoder stack as one `lax.scan` over a layer-stacked copy of the
-    blocks' parameters (LlamaConfig.scan_layers), so the step compiles one
-    block whatever the depth.
-
-    The parameters keep their per-layer layout (checkpoints, HF export and
-    sharding are those of the unrolled model); the stacked copy is made
-    inside the step, its kernels in the compute dtype they are read in (a
-    transient 2 bytes per block parameter in bf16). Layer i runs with
-    layer i's parameters and path ids (`_LAYER_PIDS`), so the values and
-    random draws are the unrolled model's.
-    """
-    graphdef, _ = nnx.split(self.layers[0])
-    compute = jnp.dtype(self.cfg.compute_dtype)
-
-    def stack(*leaves):
-      # Kernels (>= 2-D) are read in the compute dtype; norm gains in f32.
-      return jnp.stack([v.astype(compute) if v.ndim >= 2 else v
-                        for v in leaves])
-
-    stacked = jax.tree.map(stack, *[nnx.state(l) for l in self.layers])
+  def _layer_pids(self) -> dict[str, list[int]]:
+    """{projection path below "layers.<i>.": [its path_id in layer i]}."""
     suffixes = [p.split(".", 2)[2] for p in self._layer_paths(0)]
-    pids = {s: jnp.asarray([path_id(f"layers.{i}.{s}")
-                            for i in range(self.cfg.n_layers)], jnp.int32)
+    return {s: [path_id(f"layers.{i}.{s}") for i in range(self.cfg.n_layers)]
             for s in suffixes}
 
+  def _stacked_state(self):
+    """(graphdef, state) of the stacked block, kernels (>= 2-D per layer)
+    cast to the compute dtype they are read in: one cast per stacked
+    parameter, outside the loop, so the gradient communication
+    (`comm.read_dtypes`) sees each kernel read in that dtype."""
+    graphdef, state = nnx.split(self.layers)
+    compute = jnp.dtype(self.cfg.compute_dtype)
+    return graphdef, jax.tree.map(
+        lambda v: v.astype(compute) if v.ndim >= 3 else v, state)
+
+  def _scan_layers(self, block_fn, x, positions, mask, key):
+    """The decoder stack as one `lax.scan` over the stacked block's
+    parameters (LlamaConfig.scan_layers). Layer i runs with slice i of
+    every parameter and layer i's path ids (`_LAYER`), so the values and
+    random draws are those of the unrolled model holding the same
+    parameters (`unstack_layers`)."""
+    graphdef, state = self._stacked_state()
+    pids = {s: jnp.asarray(v, jnp.int32) for s, v in self._layer_pids().items()}
+
     def body(h, xs):
-      state, layer_pids = xs
-      token = _LAYER_PIDS.set(layer_pids)
+      layer_state, layer_pids = xs
+      token = _LAYER.set((layer_pids, None))
       try:
-        h = block_fn(nnx.merge(graphdef, state), h, positions, mask, key)
+        h = block_fn(nnx.merge(graphdef, layer_state), h, positions, mask,
+                     key)
       finally:
-        _LAYER_PIDS.reset(token)
+        _LAYER.reset(token)
       return h, None
 
-    x, _ = jax.lax.scan(body, x, (stacked, pids))
+    x, _ = jax.lax.scan(body, x, (state, pids))
+    return x
+
+  def _loop_stacked(self, block_fn, x, positions, mask, key):
+    """The stacked block run layer by layer in Python (a telemetry probe
+    needs each layer's arrays and path)."""
+    graphdef, state = self._stacked_state()
+    pids = self._layer_pids()
+    for i in range(self.cfg.n_layers):
+      layer = nnx.merge(graphdef, jax.tree.map(lambda v, i=i: v[i], state))
+      token = _LAYER.set(({s: v[i] for s, v in pids.items()},
+                          f"layers.{i}"))
+      try:
+        x = block_fn(layer, x, positions, mask, key)
+      finally:
+        _LAYER.reset(token)
     return x
 
   def _layer_paths(self, i: int) -> list[str]:
@@ -557,7 +640,9 @@ class Llama(nnx.Module):
     # blocks without remat: the same values, the memory of remat "none".
     probed = telemetry.active() is not None
     block_fn = _block_fn("none" if probed else cfg.remat)
-    if cfg.scan_layers and not probed:
+    if cfg.scan_layers and probed:
+      x = self._loop_stacked(block_fn, x, positions, mask, key)
+    elif cfg.scan_layers:
       x = self._scan_layers(_block_fn(cfg.remat, scanned=True), x,
                             positions, mask, key)
     else:

@@ -4,6 +4,12 @@ Owns `OptimConfig` (the `config.optim` keys, one field each), the learning
 rate schedule, `scale_by_adam_mp` (Adam whose moments are stored in FP8 /
 FP16 / BF16 / F32 while all arithmetic is f32), FP8 weight-gradient rounding,
 the weight-decay mask, the low-memory master-weight mode and `state_bytes`.
+
+Layer-stacked leaves (a model with scanned layers keeps each parameter of
+its layers as one [L, ...] array; `layer_mask` says which) are L tensors
+to every per-tensor rule here: each layer keeps its own moment scales and
+FP8 gradient scale (an [L] scale array), and a leaf is a matrix (decayed,
+stored in the master dtype) when one layer's slice is.
 The low-precision parts follow FP8-LM / MS-AMP O2 (arXiv 2310.18313), which
 the FP4 paper inherits: Adam m in FP8 E4M3 and v in FP16, each with a
 per-tensor scale, and FP8 E4M3 weight gradients.
@@ -223,7 +229,24 @@ def _encode(x32: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
 def _decode(stored: jax.Array, scale: jax.Array) -> jax.Array:
   if stored.dtype not in _SCALED_MAX:  # scale is 1: keep the graph plain
     return stored.astype(_F32)
-  return stored.astype(_F32) / scale
+  # An [L] scale (a layer-stacked leaf) divides its layer's slice.
+  return stored.astype(_F32) / _lead(scale, stored.ndim)
+
+
+def _lead(scale: jax.Array, ndim: int) -> jax.Array:
+  """scale [L] (or []) broadcastable against an [L, ...] array of ndim."""
+  return scale.reshape(scale.shape + (1,) * (ndim - scale.ndim))
+
+
+def _per_layer(fn: Callable[..., Any], stacked: bool) -> Callable[..., Any]:
+  """fn of one tensor, mapped over the leading layer axis if `stacked`."""
+  return jax.vmap(fn) if stacked else fn
+
+
+def _stacked(mask: Callable[[Any], Any] | None, tree: Any) -> Any:
+  """`mask(tree)`, or all False without a mask."""
+  return (jax.tree.map(lambda _: False, tree) if mask is None
+          else mask(tree))
 
 
 class AdamMPState(NamedTuple):
@@ -231,8 +254,9 @@ class AdamMPState(NamedTuple):
   count: jax.Array          # int32 []: updates taken
   mu: optax.Updates         # first moment * mu_scale, in mu_dtype
   nu: optax.Updates         # second moment * nu_scale, in nu_dtype
-  mu_scale: optax.Updates   # f32 [] per leaf: power of two, 1 if unscaled
-  nu_scale: optax.Updates   # f32 [] per leaf
+  mu_scale: optax.Updates   # f32 [] per leaf ([L] if layer-stacked): power
+                            # of two, 1 if unscaled
+  nu_scale: optax.Updates   # f32 [] / [L] per leaf
 
 
 def reencode_moments(state: AdamMPState, mu_dtype: Any, nu_dtype: Any
@@ -257,7 +281,9 @@ def reencode_moments(state: AdamMPState, mu_dtype: Any, nu_dtype: Any
   nu_dtype = _check_storage("nu_dtype", nu_dtype)
 
   def one(stored, scale, dtype):
-    return _encode(_decode(stored, scale), dtype)
+    # An [L] scale: a layer-stacked leaf, re-encoded layer by layer.
+    encode = _per_layer(lambda x: _encode(x, dtype), scale.ndim == 1)
+    return encode(_decode(stored, scale))
 
   def convert(stored_tree, scale_tree, dtype):
     leaves, treedef = jax.tree.flatten(stored_tree)
@@ -283,7 +309,8 @@ def _check_storage(name: str, dtype: Any) -> jnp.dtype:
 
 
 def scale_by_adam_mp(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
-                     *, mu_dtype: Any, nu_dtype: Any
+                     *, mu_dtype: Any, nu_dtype: Any,
+                     layer_mask: Callable[[Any], Any] | None = None
                      ) -> optax.GradientTransformation:
   """Adam scaling with moments stored in low precision, math in f32.
 
@@ -301,6 +328,8 @@ def scale_by_adam_mp(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
     eps: added to sqrt(nu_hat).
     mu_dtype: storage of m: float32, bfloat16, float16 or float8_e4m3fn.
     nu_dtype: storage of v: same choices.
+    layer_mask: params-shaped tree -> bools: the layer-stacked leaves, whose
+      scales are per layer ([L]); None = none.
 
   Returns:
     A GradientTransformation whose state is an `AdamMPState`; updates are
@@ -312,14 +341,19 @@ def scale_by_adam_mp(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
   mu_dtype = _check_storage("mu_dtype", mu_dtype)
   nu_dtype = _check_storage("nu_dtype", nu_dtype)
 
+  def scale_ones(p, stacked):
+    return jnp.ones(p.shape[:1] if stacked else [], _F32)
+
   def init_fn(params):
     # zeros_like keeps each leaf's sharding when called outside jit.
     return AdamMPState(
         count=jnp.zeros([], jnp.int32),
         mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params),
         nu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=nu_dtype), params),
-        mu_scale=jax.tree.map(lambda p: jnp.ones([], _F32), params),
-        nu_scale=jax.tree.map(lambda p: jnp.ones([], _F32), params))
+        mu_scale=jax.tree.map(scale_ones, params, _stacked(layer_mask,
+                                                           params)),
+        nu_scale=jax.tree.map(scale_ones, params, _stacked(layer_mask,
+                                                           params)))
 
   def update_fn(updates, state, params=None):
     del params
@@ -332,13 +366,18 @@ def scale_by_adam_mp(b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8,
         state.mu, state.nu, state.mu_scale, state.nu_scale)))
     outs = []
     for g, m_q, v_q, m_s, v_s in per_leaf:
+      # An [L] scale: a layer-stacked leaf, scaled layer by layer.
+      stacked = m_s.ndim == 1
+
+      def encode(x, dtype, stacked=stacked):
+        return _per_layer(lambda y: _encode(y, dtype), stacked)(x)
       g = g.astype(_F32)
       # Same operation order as optax.scale_by_adam.
       m = (1 - b1) * g + b1 * _decode(m_q, m_s)
       v = (1 - b2) * g ** 2 + b2 * _decode(v_q, v_s)
       # The step uses the f32 moments; only what is stored is rounded.
       u = (m / c1) / (jnp.sqrt(v / c2) + eps)
-      outs.append((u, *_encode(m, mu_dtype), *_encode(v, nu_dtype)))
+      outs.append((u, *encode(m, mu_dtype), *encode(v, nu_dtype)))
     u, m_q, m_s, v_q, v_s = (
         jax.tree.unflatten(treedef, [o[i] for o in outs]) for i in range(5))
     return u, AdamMPState(count, m_q, v_q, m_s, v_s)
@@ -357,7 +396,8 @@ def _grads_to_f32() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-def round_grads_to_fp8(mask: Callable[[Any], Any] | None = None
+def round_grads_to_fp8(mask: Callable[[Any], Any] | None = None,
+                       layer_mask: Callable[[Any], Any] | None = None
                        ) -> optax.GradientTransformation:
   """Rounds gradient tensors to FP8 E4M3 with a per-tensor scale.
 
@@ -370,6 +410,8 @@ def round_grads_to_fp8(mask: Callable[[Any], Any] | None = None
     mask: updates -> same-structure tree of Python bools: which leaves are
       rounded (the paper: the quantized projections' kernels; norms, the
       embedding and the LM head stay high precision). None = every leaf.
+    layer_mask: the same kind of tree: the layer-stacked leaves, scaled
+      per layer. None = none.
   """
   def one(g):
     g = g.astype(_F32)
@@ -383,31 +425,35 @@ def round_grads_to_fp8(mask: Callable[[Any], Any] | None = None
     del params
     chosen = (mask(updates) if mask is not None
               else jax.tree.map(lambda _: True, updates))
-    return jax.tree.map(lambda g, m: one(g) if m else g.astype(_F32),
-                        updates, chosen), state
+    return jax.tree.map(
+        lambda g, m, st: _per_layer(one, st)(g) if m else g.astype(_F32),
+        updates, chosen, _stacked(layer_mask, updates)), state
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
 # ------------------------------------------------------------------ chain
 
 
-def _is_matrix(p: Any) -> bool:
-  return len(p.shape) >= 2
+def _is_matrix(p: Any, stacked: bool = False) -> bool:
+  return len(p.shape) - int(stacked) >= 2
 
 
-def decay_mask(params: optax.Params) -> Any:
-  """True for leaves that get weight decay: >= 2-D (kernels, embeddings).
+def decay_mask(params: optax.Params,
+               layer_mask: Callable[[Any], Any] | None = None) -> Any:
+  """True for leaves that get weight decay: >= 2-D (kernels, embeddings),
+  per layer for the layer-stacked leaves of `layer_mask`.
 
   Norm scales and biases (1-D) are not decayed: pulling a norm gain toward 0
   rescales its layer instead of regularising it (LLaMA / GPT practice).
   """
-  return jax.tree.map(_is_matrix, params)
+  return jax.tree.map(_is_matrix, params, _stacked(layer_mask, params))
 
 
 def make_optimizer(cfg: OptimConfig, num_steps: int,
                    fp8_grad_mask: Callable[[Any], Any] | None = None,
                    proj_mask: Callable[[Any], Any] | None = None,
-                   schedule: optax.Schedule | None = None
+                   schedule: optax.Schedule | None = None,
+                   layer_mask: Callable[[Any], Any] | None = None
                    ) -> optax.GradientTransformation:
   """The AdamW of `cfg` as one optax.chain.
 
@@ -427,6 +473,8 @@ def make_optimizer(cfg: OptimConfig, num_steps: int,
       (cfg.proj_lr_scale); None = none.
     schedule: the learning-rate schedule when the caller built it already
       (`make_schedule(cfg, num_steps)`); None = build it here.
+    layer_mask: params-shaped tree -> bools: the layer-stacked leaves (see
+      the module docstring); None = none.
 
   Raises:
     ValueError: the schedule does not fit num_steps.
@@ -434,11 +482,14 @@ def make_optimizer(cfg: OptimConfig, num_steps: int,
   if schedule is None:
     schedule = make_schedule(cfg, num_steps)
   stages = [
-      round_grads_to_fp8(fp8_grad_mask) if cfg.grad_fp8 else _grads_to_f32(),
+      (round_grads_to_fp8(fp8_grad_mask, layer_mask) if cfg.grad_fp8
+       else _grads_to_f32()),
       optax.clip_by_global_norm(cfg.clip_norm),
       scale_by_adam_mp(cfg.b1, cfg.b2, cfg.eps, mu_dtype=cfg.mu_dtype,
-                       nu_dtype=cfg.nu_dtype),
-      optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+                       nu_dtype=cfg.nu_dtype, layer_mask=layer_mask),
+      optax.add_decayed_weights(
+          cfg.weight_decay,
+          mask=lambda params: decay_mask(params, layer_mask)),
       _scale_by_learning_rate(schedule, proj_mask, cfg.proj_lr_scale),
   ]
   return optax.chain(*stages)
@@ -486,17 +537,20 @@ def _scale_by_learning_rate(schedule: optax.Schedule,
 # which keeps updates smaller than half an ulp in expectation.
 
 
-def cast_master(params: optax.Params, cfg: OptimConfig) -> optax.Params:
+def cast_master(params: optax.Params, cfg: OptimConfig,
+                layer_mask: Callable[[Any], Any] | None = None
+                ) -> optax.Params:
   """Casts params to their master storage (apply once, after init).
 
-  >= 2-D float leaves -> cfg.master_dtype; other float leaves -> f32;
-  non-float leaves unchanged.
+  >= 2-D float leaves (per layer for the layer-stacked leaves of
+  `layer_mask`) -> cfg.master_dtype; other float leaves -> f32; non-float
+  leaves unchanged.
   """
-  def one(p):
+  def one(p, stacked):
     if not jnp.issubdtype(p.dtype, jnp.floating):
       return p
-    return p.astype(cfg.master_dtype if _is_matrix(p) else _F32)
-  return jax.tree.map(one, params)
+    return p.astype(cfg.master_dtype if _is_matrix(p, stacked) else _F32)
+  return jax.tree.map(one, params, _stacked(layer_mask, params))
 
 
 def params_for_grad(params: optax.Params, cfg: OptimConfig) -> optax.Params:

@@ -19,6 +19,14 @@ A resume may change settings that change how the state is stored:
                  weight does not fit it).
   prng_impl      the run key: the implementations' keys are different
                  bits, so this is refused in one line naming the key.
+  model.scan_layers
+                 the layers' parameters and optimizer state: one leaf per
+                 layer ("params.layers.3.attn.q_proj.kernel") or stacked on
+                 a leading layer axis ("params.layers.attn.q_proj.kernel",
+                 per-tensor scales [L]); stacked or split exactly (values
+                 unchanged). Reading a checkpoint of the other layout needs
+                 that layout's abstract state as the restore target
+                 (`target`'s `other`); `stored_stacked` says which it is.
 
 Any other difference (a leaf's shape, a leaf no setting explains) means
 another model: refused in one line naming the leaf.
@@ -47,6 +55,10 @@ _PARAM = re.compile(r"params\.")
 # Key-data words of the jax PRNG implementations (rbg and unsafe_rbg share
 # a shape; their keys differ in how they are used, not in size).
 _KEY_WORDS = {2: "threefry2x32", 4: "rbg or unsafe_rbg"}
+# A leaf of one layer ("<tree>.layers.<i>.<rest>") and of the stacked
+# layers ("<tree>.layers.<rest>", rest not starting with a digit).
+_PER_LAYER = re.compile(r"^(.*?\blayers)\.(\d+)\.(.+)$")
+_STACKED = re.compile(r"^(.*?\blayers)\.(\D.*)$")
 
 
 
@@ -126,6 +138,75 @@ def _names(abstract: Any) -> list[tuple[str, Any]]:
           jax.tree_util.tree_flatten_with_path(abstract)[0]]
 
 
+def leaf_names(state: Any) -> list[str]:
+  """The names `stored_leaves` gives a state's leaves."""
+  return [n for n, _ in _names(state)]
+
+
+def stored_stacked(names: Any) -> bool | None:
+  """Whether leaf names (a `stored_leaves` dict, or any iterable of names)
+  hold the layers stacked (True), one per layer (False), or no layers."""
+  for name in names:
+    if name.startswith("params.layers."):
+      return not name.split(".")[2].isdigit()
+  return None
+
+
+def _in_layout(stored: dict[str, tuple[tuple[int, ...], np.dtype]],
+               stacked: bool) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """`stored` as the leaves it becomes in the other layer layout (names and
+  shapes); itself when it is in `stacked`'s layout already. Layers whose
+  leaves disagree in shape or dtype, or whose indices have gaps, stack
+  to an impossible shape (-1,), which `check` then names."""
+  if stored_stacked(stored) in (None, stacked):
+    return stored
+  out = {}
+  if not stacked:
+    for name, (shape, dtype) in stored.items():
+      m = _STACKED.match(name)
+      if m is None or not shape:
+        out[name] = (shape, dtype)
+        continue
+      for i in range(shape[0]):
+        out[f"{m[1]}.{i}.{m[2]}"] = (tuple(shape[1:]), dtype)
+    return out
+  groups: dict[str, list[tuple[int, tuple[int, ...], np.dtype]]] = {}
+  for name, (shape, dtype) in stored.items():
+    m = _PER_LAYER.match(name)
+    if m is None:
+      out[name] = (shape, dtype)
+    else:
+      groups.setdefault(f"{m[1]}.{m[3]}", []).append(
+          (int(m[2]), tuple(shape), dtype))
+  for name, layers in groups.items():
+    layers.sort()
+    _, shape, dtype = layers[0]
+    whole = ([i for i, _, _ in layers] == list(range(len(layers))) and
+             all((s, d) == (shape, dtype) for _, s, d in layers))
+    out[name] = ((len(layers), *shape) if whole else (-1,), dtype)
+  return out
+
+
+def _relayout(state: Any, abstract: Any) -> Any:
+  """`state` (one layer layout) with `abstract`'s structure (the other):
+  stacked leaves gathered from the per-layer ones, or sliced out of them.
+  Traceable; values unchanged."""
+  named = dict(_names(state))
+  leaves = []
+  for name, leaf in _names(abstract):
+    if name in named:
+      leaves.append(named[name])
+      continue
+    m = _STACKED.match(name)
+    if m is not None:
+      leaves.append(jnp.stack([named[f"{m[1]}.{i}.{m[2]}"]
+                               for i in range(leaf.shape[0])]))
+    else:
+      m = _PER_LAYER.match(name)
+      leaves.append(named[f"{m[1]}.{m[3]}"][int(m[2])])
+  return jax.tree.unflatten(jax.tree.structure(abstract), leaves)
+
+
 def check(stored: dict[str, tuple[tuple[int, ...], np.dtype]],
           abstract: Any, *, step: int, where: str) -> list[str]:
   """Checks that checkpoint `step` (its `stored_leaves`) can become
@@ -142,6 +223,14 @@ def check(stored: dict[str, tuple[tuple[int, ...], np.dtype]],
       way no conversion covers.
   """
   needed: dict[str, set[str]] = {}
+  stacked = stored_stacked(n for n, _ in _names(abstract))
+  relaid = stacked is not None and stored_stacked(stored) not in (None,
+                                                                  stacked)
+  if relaid:
+    stored = _in_layout(stored, stacked)
+    needed["model.scan_layers"] = {
+        "the layers stacked on a leading layer axis (saved one per layer)"
+        if stacked else "the layers one per layer (saved stacked)"}
   for name, leaf in _names(abstract):
     want_shape, want_dtype = _stored_view(leaf)
     if name not in stored:
@@ -183,15 +272,32 @@ def check(stored: dict[str, tuple[tuple[int, ...], np.dtype]],
                      f"model has not; use a new --workdir")
   how = {"optim.moments": "decoded and re-encoded with fresh per-tensor "
                           "scales",
-         "optim.master": "rounded to nearest"}
+         "optim.master": "rounded to nearest",
+         "model.scan_layers": "values unchanged"}
   return [f"{key}: {', '.join(sorted(v))} ({how[key]})"
           for key, v in sorted(needed.items())]
 
 
 def target(abstract: Any,
-           stored: dict[str, tuple[tuple[int, ...], np.dtype]]) -> Any:
+           stored: dict[str, tuple[tuple[int, ...], np.dtype]],
+           other: Any = None) -> Any:
   """`abstract` with each float leaf in the dtype `stored` holds it in
-  (the restore target: nothing is cast while reading)."""
+  (the restore target: nothing is cast while reading).
+
+  Args:
+    abstract: the TrainState of ShapeDtypeStructs this start builds.
+    stored: `stored_leaves` of the step.
+    other: the same start's abstract TrainState in the other layer layout
+      (model.scan_layers flipped); the target when `stored` is in that
+      layout (`convert` then restacks). Unused otherwise.
+  """
+  mine = stored_stacked(n for n, _ in _names(abstract))
+  if stored_stacked(stored) not in (None, mine):
+    if other is None:
+      raise ValueError("recast.target: the checkpoint's layers are laid out "
+                       "the other way; pass the other layout's state")
+    abstract = other
+
   def one(path, leaf):
     name = sharding.path_str(path)
     if (jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) or
@@ -211,23 +317,27 @@ def convert(state: Any, abstract: Any) -> Any:
       master dtype, or prng_impl when the run key's implementation
       differs.
   """
+  relaid = (stored_stacked(n for n, _ in _names(state)) !=
+            stored_stacked(n for n, _ in _names(abstract)))
   if state.rng.dtype != abstract.rng.dtype:
     raise ValueError(f"prng_impl: the checkpoint's run key is "
                      f"{state.rng.dtype}, this start uses "
                      f"{abstract.rng.dtype}; rerun with the prng_impl it was "
                      f"saved with")
-  if all(s.dtype == a.dtype for s, a in
-         zip(jax.tree.leaves(state), jax.tree.leaves(abstract))):
+  if not relaid and all(s.dtype == a.dtype for s, a in
+                       zip(jax.tree.leaves(state), jax.tree.leaves(abstract))):
     return state
 
-  def moment_dtypes(opt_abstract):
-    return (jax.tree.leaves(opt_abstract.mu)[0].dtype,
-            jax.tree.leaves(opt_abstract.nu)[0].dtype)
+  def moment_dtypes(opt):
+    return (jax.tree.leaves(opt.mu)[0].dtype, jax.tree.leaves(opt.nu)[0].dtype)
 
   def fn(state):
+    if relaid:
+      state = _relayout(state, abstract)
     opt = tuple(
         optim.reencode_moments(s, *moment_dtypes(a))
-        if isinstance(s, optim.AdamMPState) else s
+        if isinstance(s, optim.AdamMPState) and
+        moment_dtypes(s) != moment_dtypes(a) else s
         for s, a in zip(state.opt_state, abstract.opt_state))
     old = jax.tree.leaves(state.params)
     params = jax.tree.map(lambda p, a: p.astype(a.dtype), state.params,

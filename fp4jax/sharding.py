@@ -40,6 +40,7 @@ LOGICAL_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("heads", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
+    ("layers", None),   # the stacked layer axis (model.scan_layers)
     ("act_batch", ("data", "fsdp")),
     ("act_seq", None),
     ("act_embed", None),
@@ -260,9 +261,10 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES
     ndim = len(getattr(value, "shape", ()))
     if names and len(names) == ndim:
       spec = logical_to_spec(names, rules)
-    elif not names or ndim == 0:
+    elif not names or ndim == 0 or (ndim == 1 and names[0] == "layers"):
       # Scalars mapped from a parameter (an optimizer's per-tensor scale)
-      # inherit its names with its Variable; they are replicated.
+      # inherit its names with its Variable; they are replicated, and so
+      # are the [L] per-layer scales of a layer-stacked parameter.
       spec = PartitionSpec()
     else:
       raise ValueError(f"logical names {names} do not match an array of "

@@ -27,6 +27,7 @@ Must not import: tensorflow_datasets, grain (the data sources do), or
 fp4jax.main.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -286,7 +287,8 @@ def _restore_or_init(config, workdir: str, trainer, resume, train_it,
   restored = None
   if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
     opened.append(_checkpointer(config, workdir))
-    restored = _restore(opened[0], trainer.abstract_state, resume, workdir)
+    restored = _restore(opened[0], trainer.abstract_state, resume, workdir,
+                        other=lambda: _other_layout(config, trainer))
   if restored is None:
     state = trainer.init()
     if init_params is not None:
@@ -335,21 +337,37 @@ def _checkpointer(config, workdir: str) -> checkpoint.Checkpointer:
                                  keep=config.keep_checkpoints)
 
 
-def _restore(ckpt, abstract: Any, resume, workdir: str):
+def _other_layout(config, trainer) -> Any:
+  """This start's abstract TrainState with the layers laid out the other
+  way (model.scan_layers flipped): the restore target of a checkpoint
+  saved in that layout (recast)."""
+  run = runconfig.translate(config)
+  model = dataclasses.replace(run.model, scan_layers=not run.model.scan_layers)
+  return train_state.abstract_state(
+      model, run.rules, run.optim, num_steps=run.num_steps,
+      mesh=trainer.mesh, seed=run.seed)[1]
+
+
+def _restore(ckpt, abstract: Any, resume, workdir: str, other=None):
   """(step, state in this start's layout, data state), or None.
 
   Each leaf is read in the dtype the step stored it in and converted
   afterwards (recast); a step other than the one `resume` checked (the
   newer ones were damaged) is checked and, if stored differently, read
-  again in its own dtypes.
+  again in its own dtypes. `other()` gives the state in the other layer
+  layout, for a step saved that way (recast.target).
   """
+  def target(stored):
+    relaid = recast.stored_stacked(stored) not in (
+        None, recast.stored_stacked(recast.leaf_names(abstract)))
+    return recast.target(abstract, stored, other() if relaid else None)
+
   if resume is None:
     # No complete step: any step folders are damaged, and restore_latest
     # names them in its one-line error.
     return ckpt.restore_latest(abstract, defer_set_aside=True)
   step, stored, conversions = resume
-  restored = ckpt.restore_latest(recast.target(abstract, stored),
-                                 defer_set_aside=True)
+  restored = ckpt.restore_latest(target(stored), defer_set_aside=True)
   if restored is None:
     return None
   if restored[0] != step:
@@ -358,8 +376,7 @@ def _restore(ckpt, abstract: Any, resume, workdir: str):
     stored_then = recast.stored_leaves(workdir, step)
     conversions = recast.check(stored_then, abstract, step=step, where=where)
     if stored_then != stored:
-      state, data_state = ckpt.restore(recast.target(abstract, stored_then),
-                                       step)
+      state, data_state = ckpt.restore(target(stored_then), step)
       restored = (step, state, data_state)
   state = recast.convert(restored[1], abstract)
   for line in conversions:

@@ -241,7 +241,10 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: Any,
         loss_sum, grad_params, batch, mesh=jax.sharding.get_abstract_mesh(),
         batch_axes=comm_axes, grad_dtype=comm_dtype, args=keys,
         param_specs=comm_specs, microbatches=n)
-  grad_norm = optax.tree.norm(grads)
+  # In f32 whatever the gradients' dtype (a bf16 master's are bf16): the
+  # norm of a bf16 sum of squares depends on how the leaves are laid out.
+  grad_norm = optax.tree.norm(jax.tree.map(
+      lambda g: g.astype(jnp.float32), grads))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   # The key makes low-memory (2-byte) master weights round stochastically,
   # so updates below half an ulp still count in expectation.
@@ -377,12 +380,23 @@ def layer_table(model_cfg: llama.LlamaConfig,
   return qconfig.resolve_rules(paths, quant_rules)
 
 
-def _weight_blocks(table: Mapping[str, Any]) -> dict[str, dict[int, int]]:
+def param_path(path: str, model_cfg: llama.LlamaConfig) -> str:
+  """Where projection `path`'s parameters live: "layers.3.attn.q_proj" is
+  "layers.attn.q_proj" (slice 3 of its leading axis) when the layers are
+  stacked (model.scan_layers), else itself."""
+  if model_cfg.scan_layers and path.startswith("layers."):
+    return "layers." + path.split(".", 2)[2]
+  return path
+
+
+def _weight_blocks(table: Mapping[str, Any], model_cfg: llama.LlamaConfig
+                   ) -> dict[str, dict[int, int]]:
   """{kernel path: {dim: block}} of the block-scaled weight operands of a
   `layer_table`.
 
   The forward scales w [K, N] along its `axis`; hardware-faithful recipes
-  re-scale it along N for dgrad too.
+  re-scale it along N for dgrad too. A stacked kernel [L, K, N] has them
+  one dim later.
   """
   out = {}
   for path, r in table.items():
@@ -391,7 +405,9 @@ def _weight_blocks(table: Mapping[str, Any]) -> dict[str, dict[int, int]]:
     dims = {r.w.axis % 2: r.w.block}
     if r.hw_faithful:
       dims[1] = r.w.block
-    out[f"{path}.kernel"] = dims
+    where = param_path(path, model_cfg)
+    lead = int(where != path)
+    out[f"{where}.kernel"] = {d + lead: b for d, b in dims.items()}
   return out
 
 
@@ -406,19 +422,32 @@ def kernel_mask(kernels: frozenset[str]) -> Callable[[Any], Any]:
   return mask
 
 
-def fp8_grad_mask(table: Mapping[str, Any]) -> Callable[[Any], Any]:
+def fp8_grad_mask(table: Mapping[str, Any], model_cfg: llama.LlamaConfig
+                  ) -> Callable[[Any], Any]:
   """True on the kernels of a `layer_table`'s quantized projections: the
   weight gradients the paper keeps in FP8 (RECIPE §6)."""
-  return kernel_mask(frozenset(f"{p}.kernel" for p, r in table.items()
+  return kernel_mask(frozenset(f"{param_path(p, model_cfg)}.kernel"
+                               for p, r in table.items()
                                if r is not None and r.quantizes))
 
 
 def projection_mask(model_cfg: llama.LlamaConfig) -> Callable[[Any], Any]:
   """True on the block projections' kernels (RECIPE §5), quantized or not."""
   rx = re.compile(qconfig.PROJECTION_PATTERN)
-  return kernel_mask(frozenset(f"{p}.kernel" for p in
+  return kernel_mask(frozenset(f"{param_path(p, model_cfg)}.kernel" for p in
                                llama.projection_paths(model_cfg)
                                if rx.fullmatch(p)))
+
+
+def layer_mask(model_cfg: llama.LlamaConfig) -> Callable[[Any], Any]:
+  """params-shaped tree -> bools: True on the leaves with a leading layer
+  axis (every "layers." leaf when model.scan_layers, else none); the
+  optimizer keeps their per-tensor scales per layer (`optim`)."""
+  def mask(tree):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: model_cfg.scan_layers and
+        sharding.path_str(path).startswith("layers."), tree)
+  return mask
 
 
 def _axes(entry: Any) -> tuple[str, ...]:
@@ -465,9 +494,14 @@ def check_fit(model_cfg: llama.LlamaConfig,
   abstract_model = nnx.eval_shape(lambda: llama.Llama(
       model_cfg, rules=quant_rules, rngs=nnx.Rngs(params=jax.random.key(0))))
   _, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
+  # The gradient communication's layout limits, before anything traces.
+  comm.check(comm_dtype, mesh, param_specs=jax.tree.map(
+      lambda sh: sh.spec, sharding.state_shardings(
+          abstract_params, mesh, logical_rules)),
+             batch_axes=_axes(batch_sh.spec[0]))
   sharding.check_divisible(
       abstract_params, mesh, logical_rules,
-      blocks=_weight_blocks(layer_table(model_cfg, quant_rules)))
+      blocks=_weight_blocks(layer_table(model_cfg, quant_rules), model_cfg))
   return abstract_model
 
 
@@ -478,8 +512,10 @@ def _state_layout(abstract_model: Any, model_cfg: llama.LlamaConfig,
                   schedule: Any = None):
   """(tx, init, graphdef, abstract sharded TrainState, its shardings)."""
   tx = optim.make_optimizer(
-      optim_cfg, num_steps, fp8_grad_mask(layer_table(model_cfg, quant_rules)),
-      proj_mask=projection_mask(model_cfg), schedule=schedule)
+      optim_cfg, num_steps,
+      fp8_grad_mask(layer_table(model_cfg, quant_rules), model_cfg),
+      proj_mask=projection_mask(model_cfg), schedule=schedule,
+      layer_mask=layer_mask(model_cfg))
 
   def build_model(key):
     return llama.Llama(model_cfg, rules=quant_rules,
@@ -488,7 +524,7 @@ def _state_layout(abstract_model: Any, model_cfg: llama.LlamaConfig,
   def init() -> TrainState:
     root = jax.random.key(seed)
     params = nnx.state(build_model(jax.random.fold_in(root, 0)), nnx.Param)
-    params = optim.cast_master(params, optim_cfg)
+    params = optim.cast_master(params, optim_cfg, layer_mask(model_cfg))
     return TrainState(step=jnp.zeros([], jnp.int32), params=params,
                       opt_state=tx.init(params),
                       rng=jax.random.fold_in(root, 1),

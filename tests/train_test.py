@@ -166,7 +166,7 @@ def test_fp8_grads_cover_exactly_the_quantized_projection_kernels():
   params = nnx.state(nnx.eval_shape(lambda: llama.Llama(
       model_cfg, rules=rules, rngs=nnx.Rngs(0))), nnx.Param)
   mask = train_state.fp8_grad_mask(
-      train_state.layer_table(model_cfg, rules))(params)
+      train_state.layer_table(model_cfg, rules), model_cfg)(params)
   chosen = {sharding.path_str(p).removesuffix(".value") for p, m in
             jax.tree_util.tree_flatten_with_path(mask)[0] if m}
   want = {f"{p}.kernel" for p in llama.projection_paths(model_cfg)
@@ -174,7 +174,7 @@ def test_fp8_grads_cover_exactly_the_quantized_projection_kernels():
   assert chosen == want
   # Unquantized runs round nothing.
   none = train_state.fp8_grad_mask(train_state.layer_table(
-      model_cfg, qconfig.default_rules("bf16")))
+      model_cfg, qconfig.default_rules("bf16")), model_cfg)
   assert not any(jax.tree.leaves(none(params)))
 
 

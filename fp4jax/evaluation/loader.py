@@ -30,6 +30,7 @@ from flax import nnx
 from fp4jax import checkpoint
 from fp4jax import llama
 from fp4jax import optim
+from fp4jax import recast
 from fp4jax import runrecord
 from fp4jax import sharding
 from fp4jax import runconfig
@@ -177,10 +178,22 @@ def load(workdir: str, step: int | None = None, precision: str = "train",
   # One device: evaluation batches are small and a replicated model on
   # several would repeat the same work on each.
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
-  _, abstract = train_state.abstract_state(
-      trained_cfg, rules, optim_cfg, num_steps=num_steps, mesh=mesh,
-      seed=seed)
-  state, step = _restore(workdir, step, abstract, warn)
+
+  def abstract_for(step: int) -> Any:
+    # The layers as that step stores them (a run may resume with
+    # model.scan_layers changed): evaluation and export read either.
+    try:
+      stacked = recast.stored_stacked(recast.stored_leaves(workdir, step))
+    except checkpoint.UnreadableCheckpoint:
+      stacked = None   # the restore itself names what is wrong
+    cfg = trained_cfg if stacked is None else dataclasses.replace(
+        trained_cfg, scan_layers=stacked)
+    return train_state.abstract_state(
+        cfg, rules, optim_cfg, num_steps=num_steps, mesh=mesh, seed=seed)[1]
+
+  state, step = _restore(workdir, step, abstract_for, warn)
+  trained_cfg = dataclasses.replace(trained_cfg, scan_layers=(
+      recast.stored_stacked(recast.leaf_names(state)) or False))
   # The step read may be an older one (the newest was unreadable); past
   # quant.switch_back its last steps ran the switched-back forward.
   run_config = runrecord.config_at_step(workdir, step)
@@ -208,11 +221,13 @@ def load(workdir: str, step: int | None = None, precision: str = "train",
 _MAX_TRIES = 8
 
 
-def _restore(workdir: str, step: int | None, abstract: Any,
+def _restore(workdir: str, step: int | None,
+             abstract_for: Callable[[int], Any],
              warn: Callable[[str], None]) -> tuple[Any, int]:
-  """(TrainState, its step): `step`, or the newest one that reads."""
+  """(TrainState, its step): `step`, or the newest one that reads, into
+  `abstract_for(step)`."""
   if step is not None:
-    return checkpoint.restore_state(workdir, step, abstract), step
+    return checkpoint.restore_state(workdir, step, abstract_for(step)), step
   skipped: set[int] = set()
   while True:
     left = [s for s in checkpoint.complete_steps(workdir)
@@ -222,7 +237,7 @@ def _restore(workdir: str, step: int | None, abstract: Any,
                        f"(skipped steps {sorted(skipped)}, see above)")
     step = left[-1]
     try:
-      return checkpoint.restore_state(workdir, step, abstract), step
+      return checkpoint.restore_state(workdir, step, abstract_for(step)), step
     except (checkpoint.UnreadableCheckpoint,
             checkpoint.CheckpointRemoved) as e:
       skipped.add(step)
