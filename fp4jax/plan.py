@@ -123,10 +123,12 @@ def _shard_factor(spec, sizes: Mapping[str, int]) -> int:
 @functools.lru_cache(maxsize=16)
 def _param_shards(model_cfg: llama.LlamaConfig, rules,
                   sizes: tuple[tuple[str, int], ...]
-                  ) -> list[tuple[int, int, int]]:
-  """(elements, ndim, shard factor) of every parameter leaf (cached: a
-  search over policies and microbatch counts plans one model many
-  times)."""
+                  ) -> list[tuple[int, int, int, int, bool]]:
+  """(elements, ndim of one layer's slice, shard factor, the part of it
+  over the tensor axis, layer-stacked) of every parameter leaf (cached: a search over
+  policies and microbatch counts plans one model many times). A
+  layer-stacked leaf (model.scan_layers) has one more dim than its
+  layer's slice, which decides its master dtype as for one layer."""
   sizes = dict(sizes)
   abstract = nnx.eval_shape(lambda: llama.Llama(
       model_cfg, rules=rules, rngs=nnx.Rngs(params=jax.random.key(0))))
@@ -137,9 +139,15 @@ def _param_shards(model_cfg: llama.LlamaConfig, rules,
   out = []
   for path, leaf in leaves:
     value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-    spec = specs[sharding.path_str(path)]
-    out.append((int(np.prod(value.shape)), len(value.shape),
-                _shard_factor(spec, sizes)))
+    name = sharding.path_str(path)
+    spec = specs[name]
+    stacked = model_cfg.scan_layers and name.startswith("layers.")
+    tensor = jax.sharding.PartitionSpec(*[
+        tuple(a for a in ((e,) if isinstance(e, str) else tuple(e or ()))
+              if a not in ("data", "fsdp")) for e in spec])
+    out.append((int(np.prod(value.shape)), len(value.shape) - stacked,
+                _shard_factor(spec, sizes), _shard_factor(tensor, sizes),
+                stacked))
   return out
 
 
@@ -178,13 +186,13 @@ def plan(config, *, devices: int | None = None,
   mu, nu = jnp.dtype(o.mu_dtype).itemsize, jnp.dtype(o.nu_dtype).itemsize
   shards = _param_shards(dataclasses.replace(model_cfg, remat="none"),
                          run.rules, tuple(sorted(sizes.items())))
-  params = sum(n / f * (master if nd >= 2 else 4) for n, nd, f in shards)
-  opt = sum(n / f * (mu + nu) for n, _, f in shards)
+  params = sum(n / f * (master if nd >= 2 else 4) for n, nd, f, _, _ in shards)
+  opt = sum(n / f * (mu + nu) for n, _, f, _, _ in shards)
   items = {"parameters": params, "optimizer state": opt}
   grad_dtype = config.comm.grad_dtype
   if grad_dtype == "float32":
     # XLA's own reduction: gradients come out sharded like the params.
-    grads = sum(n / f * 4 for n, _, f in shards)
+    grads = sum(n / f * 4 for n, _, f, _, _ in shards)
     items["gradients (f32)"] = grads
     if accum > 1:
       items["accumulation buffer (f32)"] = grads
@@ -200,29 +208,39 @@ def plan(config, *, devices: int | None = None,
     # shard-sized f32, and one leaf's full-size cotangent is in flight at
     # a time (XLA overlapping a few more is HEADROOM's). Replicated leaves
     # accumulate their local gradient (parameter-sized) and reduce once.
+    # Under tensor parallelism all of this is per tensor shard (1 / t of
+    # the leaf: comm runs it on each device's tensor shard).
     compute = jnp.dtype(model_cfg.compute_dtype).itemsize
     # (elements, bytes per element) of each gathered leaf, as read.
-    read = [(n, min(compute, master if nd >= 2 else 4))
-            for n, nd, f in shards if f > 1]
+    # (elements, bytes per element, layer-stacked) of each gathered leaf,
+    # as read.
+    read = [(n / t, min(compute, master if nd >= 2 else 4), st)
+            for n, nd, f, t, st in shards if f > t]
     table = model_cfg.vocab_size * model_cfg.d_model
-    if (table, min(compute, master)) in read:
-      # The embedding table ("embed" dim over fsdp): the row lookup reads
-      # it as stored, and its cotangent is that wide too.
-      read.remove((table, min(compute, master)))
-      read.append((table, master))
+    for n, _, f, t, st in shards:
+      if n == table and not st and f > t:
+        # The embedding table ("embed" dim over fsdp): the row lookup
+        # reads it as stored, and its cotangent is that wide too.
+        read.remove((n / t, min(compute, master), False))
+        read.append((n / t, master, False))
+        break
     if read:
       items["gathered parameters (compute dtype)"] = sum(
-          n * b for n, b in read)
-    grads = sum(n / f * 4 for n, _, f in shards)
+          n * b for n, b, _ in read)
+    grads = sum(n / f * 4 for n, _, f, _, _ in shards)
     items["gradients (f32)"] = grads
     if accum > 1:
       items["accumulation buffer (f32)"] = grads
     # A replicated leaf's reduction widens its whole gradient to f32 and
     # sends payloads of the same length.
     payload = 4 + jnp.dtype(grad_dtype).itemsize
+    # Scanned layers: the backward scan hands out the cotangents of all
+    # the stacked leaves at once, when it ends (each [L, ...], every
+    # layer's), so they are all in flight together.
+    stacked = sum(n * b for n, b, st in read if st)
     items["gradient in flight (largest leaf)"] = max(
-        [n * b for n, b in read] +
-        [n * payload for n, _, f in shards if f == 1], default=0.0)
+        [stacked] + [n * b for n, b, st in read if not st] +
+        [n / t * payload for n, _, f, t, _ in shards if f == t], default=0.0)
   quantized = [r for _, r in run.rules if r is not None and r.quantizes]
   per_token = memory.activation_bytes_per_token(
       model_cfg, config.data.seq_len, quantized=bool(quantized),

@@ -106,6 +106,34 @@ def test_fp4_presets_reduce_in_fp8_onto_shard_sized_f32_gradients():
   assert not [k for k in p.items if "full size" in k], list(p.items)
 
 
+def test_the_plan_counts_tensor_shards_and_either_layer_layout():
+  """Under tensor parallelism FP8 communication gathers and reduces each
+  device's tensor shard (1 / tensor of a leaf). Stacked layers (scanned)
+  hold the same state (norm gains still f32), but their backward scan
+  hands out every layer's kernel cotangent at once: all in flight."""
+  c = paper.get_config("size=13b,recipe=fp4_paper,nodes=4")
+  base = plan.plan(c, platform="gpu").items
+  c.model.scan_layers = True
+  scanned = plan.plan(c, platform="gpu").items
+  flight = "gradient in flight (largest leaf)"
+  assert {k: v for k, v in scanned.items() if k != flight} == pytest.approx(
+      {k: v for k, v in base.items() if k != flight}, rel=1e-12)
+  cfg13 = runconfig.model_config(c.model.to_dict(), 32000)
+  n13 = sizes.param_count(cfg13)
+  norms = (2 * cfg13.n_layers + 1) * cfg13.d_model   # replicated gains
+  table = 32000 * cfg13.d_model
+  lm_head = table    # untied: [d, V], sharded over fsdp too
+  assert scanned[flight] == pytest.approx(
+      2 * (n13 - norms - table - lm_head), rel=BYTES_RTOL)
+  c.model.scan_layers = False
+  c.mesh.fsdp, c.mesh.tensor = c.mesh.fsdp // 2, 2
+  tp = plan.plan(c, platform="gpu").items
+  # Every kernel and the table are split over tensor: half of each read.
+  assert tp["gathered parameters (compute dtype)"] == pytest.approx(
+      (2 * (n13 - norms - table) + 4 * table) / 2, rel=BYTES_RTOL)
+  assert tp["gradient in flight (largest leaf)"] == 4 * table / 2
+
+
 def test_activations_are_one_microbatch_of_the_device_rows():
   c = paper.get_config("size=1.3b,recipe=fp4_paper,nodes=4")
   p = plan.plan(c, platform="gpu", grad_accum=4, remat="none")
