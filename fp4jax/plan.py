@@ -94,22 +94,8 @@ def mesh_sizes(mesh_section: Mapping[str, Any],
   Raises:
     ValueError: naming mesh.<axis>, as `sharding.make_mesh`.
   """
-  sizes = {k: mesh_section[k] for k in sharding.MESH_AXES}
-  free = [k for k, v in sizes.items() if v == -1]
-  fixed = math.prod(v for v in sizes.values() if v != -1)
-  for k, v in sizes.items():
-    if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
-      raise ValueError(f"mesh.{k} must be a positive int or -1, got {v!r}")
-  if len(free) > 1:
-    raise ValueError("only one mesh axis may be -1, got " +
-                     ", ".join(f"mesh.{k}" for k in free))
-  if free:
-    n = jax.device_count() if devices is None else devices
-    if n % fixed:
-      raise ValueError(f"mesh: the fixed axes ({fixed}) do not divide the "
-                       f"{n} devices")
-    sizes[free[0]] = n // fixed
-  return sizes
+  n = jax.device_count() if devices is None else devices
+  return sharding.mesh_sizes(mesh_section, n, exact=False)
 
 
 def _shard_factor(spec, sizes: Mapping[str, int]) -> int:

@@ -18,7 +18,7 @@ module (the model imports this one, not the other way round).
 import contextlib
 import contextvars
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -53,6 +53,42 @@ _ACTIVE_RULES: contextvars.ContextVar[Rules] = contextvars.ContextVar(
     "fp4jax_sharding_rules", default=LOGICAL_RULES)
 
 
+def mesh_sizes(axes: Mapping[str, Any], devices: int, exact: bool = True
+               ) -> dict[str, int]:
+  """Axis sizes of MESH_AXES with a -1 resolved against `devices`.
+
+  Args:
+    axes: {"data", "fsdp", "tensor"}: positive ints, at most one -1.
+    devices: the device count the mesh spans.
+    exact: also require the product to equal `devices` (a mesh being
+      built); False plans for devices not at hand.
+
+  Raises:
+    ValueError: naming `mesh.<axis>` when a size is invalid or the sizes do
+      not fit the device count.
+  """
+  sizes = {a: axes[a] for a in MESH_AXES}
+  for name, size in sizes.items():
+    if (not isinstance(size, int) or isinstance(size, bool)
+        or (size < 1 and size != -1)):
+      raise ValueError(f"mesh.{name} must be a positive int or -1, "
+                       f"got {size!r}")
+  free = [name for name, size in sizes.items() if size == -1]
+  if len(free) > 1:
+    raise ValueError(f"only one mesh axis may be -1, got "
+                     f"{', '.join('mesh.' + f for f in free)}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  desc = ", ".join(f"mesh.{k}={v}" for k, v in sizes.items())
+  if free:
+    if devices % fixed:
+      raise ValueError(f"{desc}: the fixed axes ({fixed}) do not divide the "
+                       f"{devices} devices")
+    sizes[free[0]] = devices // fixed
+  elif exact and fixed != devices:
+    raise ValueError(f"{desc}: product {fixed} != {devices} devices")
+  return sizes
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[Any] | None = None) -> Mesh:
   """Builds a ("data", "fsdp", "tensor") mesh with Auto axis types.
@@ -75,25 +111,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
       not fit the device count.
   """
   devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
-  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
-  for name, size in sizes.items():
-    if not isinstance(size, int) or (size < 1 and size != -1):
-      raise ValueError(f"mesh.{name} must be a positive int or -1, "
-                       f"got {size!r}")
-  free = [name for name, size in sizes.items() if size == -1]
-  if len(free) > 1:
-    raise ValueError(f"only one mesh axis may be -1, got "
-                     f"{', '.join('mesh.' + f for f in free)}")
-  fixed = math.prod(s for s in sizes.values() if s != -1)
-  desc = ", ".join(f"mesh.{k}={v}" for k, v in sizes.items())
-  if free:
-    if n % fixed:
-      raise ValueError(f"{desc}: the fixed axes ({fixed}) do not divide the "
-                       f"{n} devices")
-    sizes[free[0]] = n // fixed
-  elif fixed != n:
-    raise ValueError(f"{desc}: product {fixed} != {n} devices")
+  sizes = mesh_sizes({"data": data, "fsdp": fsdp, "tensor": tensor},
+                     len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
   return jax.make_mesh(shape, MESH_AXES,
                        axis_types=(AxisType.Auto,) * len(MESH_AXES),
