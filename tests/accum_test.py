@@ -2,7 +2,9 @@
 
 The oracle is the same step on the whole batch (grad_accum=1): loss and
 every gradient leaf, on a sharded mesh, in f32 compute. Each trainer is
-compiled once per module (tiny model, 2 layers).
+compiled once per module (tiny model, 1 layer: accumulation sums whole
+gradient trees, the same for every layer; fp4_paper keeps no bf16 tail,
+so the one block is quantized).
 """
 
 import re
@@ -42,7 +44,7 @@ SEQ = 16
 
 def _cfg():
   c = demo.get_config("smoke,recipe=bf16")
-  c.model.n_layers = 2
+  c.model.n_layers = 1
   c.model.compute_dtype = "float32"
   c.data.global_batch = GLOBAL_BATCH
   c.data.seq_len = SEQ

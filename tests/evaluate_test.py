@@ -201,8 +201,11 @@ def test_bad_input_is_one_line_and_writes_nothing(run_dir, args, match):
 
 def test_a_run_without_a_tokenizer_is_one_line(tmp_path):
   # The smoke run trains on synthetic tokens: no tokenizer to score text.
+  # (One bf16 layer for one step: the refusal reads only the run's record
+  # and its complete checkpoint, whatever model they hold.)
   workdir = tmp_path / "synthetic"
-  assert faults.run_main("--config=configs/demo.py:smoke",
+  assert faults.run_main("--config=configs/demo.py:smoke,recipe=bf16",
+                         "--config.model.n_layers=1", "--config.num_steps=1",
                          f"--workdir={workdir}").returncode == 0
   r = faults.run_main(f"--workdir={workdir}", "--tasks=ppl",
                       f"--files={__file__}", module="fp4jax.evaluate")
