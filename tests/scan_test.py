@@ -173,12 +173,14 @@ def _trainers(recipe, moments="paper"):
   return out
 
 
-def test_a_scanned_train_step_is_the_unrolled_one():
+def test_a_scanned_train_step_is_the_unrolled_one(tmp_path):
   """The paper's optimizer (FP8 m, FP16 v, FP8 weight gradients): a
   stacked leaf keeps one scale per layer, so two steps of the scanned run,
   split per layer (recast), are the unrolled run's. (A bf16 / fp16 master
   rounds stochastically with one key per leaf: the same distribution in
-  both layouts, other draws.)"""
+  both layouts, other draws.) The unrolled state's checkpoint restores into
+  the scanned layout exactly."""
+  from fp4jax import checkpoint  # pylint: disable=g-import-not-at-top
   from fp4jax import recast  # pylint: disable=g-import-not-at-top
   unrolled, scanned = _trainers("fp4_paper")
   rng = np.random.default_rng(1)
@@ -206,8 +208,26 @@ def test_a_scanned_train_step_is_the_unrolled_one():
                                  err_msg=where)
     off = np.abs(g - w) > STEP_RTOL * np.abs(w) + 1e-7
     assert off.mean() <= BOUNDARY_FRACTION, (where, int(off.sum()), off.size)
+  # The unrolled checkpoint, read into the scanned layout (recast).
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, keep=1)
+  ckpt.save(2, su, {"position": 0}, force=True)
+  ckpt.wait()
+  ckpt.close()
+  stored = recast.stored_leaves(str(tmp_path), 2)
+  assert recast.check(stored, scanned.abstract_state, step=2, where="x") == [
+      "model.scan_layers: the layers stacked on a leading layer axis (saved "
+      "one per layer) (values unchanged)"]
+  read = checkpoint.restore_state(str(tmp_path), 2, recast.target(
+      scanned.abstract_state, stored, unrolled.abstract_state))
+  got = harness.host_tree(recast.convert(read, scanned.abstract_state))
+  want = harness.host_tree(recast.convert(su, scanned.abstract_state))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                          jax.tree.leaves(want)):
+    np.testing.assert_array_equal(g, w, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow   # ~60-100 s: the CLI twin of the checkpoint check above
 def test_a_run_resumes_and_exports_in_the_other_layer_layout(tmp_path):
   """A workdir trained unrolled resumes scanned: the checkpoint is
   restacked exactly (recast), the run goes on, and evaluation / export
