@@ -23,7 +23,7 @@ import glob
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 DECODE_MODES = ("replace", "ignore", "strict")
 DEFAULT_SEPARATOR = "<|endoftext|>"
@@ -48,16 +48,20 @@ def file_format(path: str) -> str:
   return "txt"
 
 
-def expand_files(patterns: str | Sequence[str], key: str) -> list[str]:
+def expand_files(patterns: str | Sequence[str], key: str,
+                 resolve: Callable[[str, str], list[str]] | None = None
+                 ) -> list[str]:
   """Absolute paths of the files named by `patterns`, in the given order.
 
   Args:
     patterns: a path, a glob, a comma-separated string of them, or a
       sequence of them. Glob matches are sorted; duplicates are dropped.
     key: the config key the patterns came from (for error messages).
+    resolve: (pattern, key) -> the files it names, raising
+      FileNotFoundError; default: local files (`_local_files`).
 
   Returns:
-    Absolute file paths.
+    Absolute file paths (or whatever `resolve` names them by).
 
   Raises:
     FileNotFoundError: a path that is not a file or a glob matching none.
@@ -67,19 +71,37 @@ def expand_files(patterns: str | Sequence[str], key: str) -> list[str]:
   out: list[str] = []
   for pattern in patterns:
     pattern = os.path.expanduser(str(pattern).strip())
-    if not pattern:
-      continue
-    if glob.has_magic(pattern):
-      found = [p for p in sorted(glob.glob(pattern, recursive=True))
-               if os.path.isfile(p)]
-      if not found:
-        raise FileNotFoundError(f"{key}: no file matches {pattern!r}")
-    elif os.path.isfile(pattern):
-      found = [pattern]
-    else:
-      raise FileNotFoundError(f"{key}: no such file {pattern!r}")
-    out.extend(os.path.abspath(p) for p in found)
+    if pattern:
+      out.extend((resolve or _local_files)(pattern, key))
   return list(dict.fromkeys(out))
+
+
+def _local_files(pattern: str, key: str) -> list[str]:
+  """The local files a path or glob names (absolute; glob matches sorted)."""
+  found = match(pattern, key, lambda g: glob.glob(g, recursive=True),
+                os.path.isfile)
+  return [os.path.abspath(p) for p in found]
+
+
+def match(pattern: str, key: str, glob_fn: Callable[[str], list[str]],
+          isfile: Callable[[str], bool], shown: str | None = None
+          ) -> list[str]:
+  """The files of a file system (its `glob_fn` and `isfile`) a path or
+  glob names, glob matches sorted.
+
+  Raises:
+    FileNotFoundError: naming `key` and the pattern (as `shown`, default
+      itself): a glob matching no file, or a path that is not a file.
+  """
+  shown = pattern if shown is None else shown
+  if glob.has_magic(pattern):
+    found = [p for p in sorted(glob_fn(pattern)) if isfile(p)]
+    if not found:
+      raise FileNotFoundError(f"{key}: no file matches {shown!r}")
+    return found
+  if isfile(pattern):
+    return [pattern]
+  raise FileNotFoundError(f"{key}: no such file {shown!r}")
 
 
 def decode(raw: bytes, mode: str, path: str, offset: int = 0

@@ -82,7 +82,6 @@ ml_collections, or any fp4jax module but documents.
 
 import contextlib
 import dataclasses
-import glob
 import gzip
 import hashlib
 import io
@@ -141,6 +140,15 @@ def _is_local(fs: Any) -> bool:
   return "file" in protocol
 
 
+def _shard_files(pattern: str, key: str) -> list[str]:
+  """The files a path, URL or glob names, through fsspec: absolute local
+  paths, or URLs with their protocol (glob matches sorted)."""
+  fs, path = fsspec.core.url_to_fs(pattern)
+  found = documents.match(path, key, fs.glob, fs.isfile, shown=pattern)
+  return [os.path.abspath(p) if _is_local(fs) else fs.unstrip_protocol(p)
+          for p in found]
+
+
 def expand_shards(patterns: str | Sequence[str],
                   key: str = "data.shards") -> list[str]:
   """Shard paths or URLs named by `patterns`, each format checked.
@@ -160,26 +168,7 @@ def expand_shards(patterns: str | Sequence[str],
     FileNotFoundError: a path that is not a file or a glob matching none.
     ValueError: a file with an unsupported extension.
   """
-  if isinstance(patterns, str):
-    patterns = patterns.split(",")
-  out: list[str] = []
-  for pattern in patterns:
-    pattern = os.path.expanduser(str(pattern).strip())
-    if not pattern:
-      continue
-    fs, path = fsspec.core.url_to_fs(pattern)
-    if glob.has_magic(path):
-      found = [p for p in sorted(fs.glob(path)) if fs.isfile(p)]
-      if not found:
-        raise FileNotFoundError(f"{key}: no file matches {pattern!r}")
-    elif fs.isfile(path):
-      found = [path]
-    else:
-      raise FileNotFoundError(f"{key}: no such file {pattern!r}")
-    for p in found:
-      out.append(os.path.abspath(p) if _is_local(fs)
-                 else fs.unstrip_protocol(p))
-  out = list(dict.fromkeys(out))
+  out = documents.expand_files(patterns, key, resolve=_shard_files)
   for path in out:
     shard_format(path)
   return out
