@@ -37,6 +37,7 @@ modules other than fp4jax.checkpoint and fp4jax.optim.
 
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -280,23 +281,23 @@ def check(stored: dict[str, tuple[tuple[int, ...], np.dtype]],
 
 def target(abstract: Any,
            stored: dict[str, tuple[tuple[int, ...], np.dtype]],
-           other: Any = None) -> Any:
+           other: Callable[[], Any] | None = None) -> Any:
   """`abstract` with each float leaf in the dtype `stored` holds it in
   (the restore target: nothing is cast while reading).
 
   Args:
     abstract: the TrainState of ShapeDtypeStructs this start builds.
     stored: `stored_leaves` of the step.
-    other: the same start's abstract TrainState in the other layer layout
-      (model.scan_layers flipped); the target when `stored` is in that
-      layout (`convert` then restacks). Unused otherwise.
+    other: () -> the same start's abstract TrainState in the other layer
+      layout (model.scan_layers flipped): called only when `stored` is in
+      that layout, whose state is then the target (`convert` restacks).
   """
   mine = stored_stacked(n for n, _ in _names(abstract))
   if stored_stacked(stored) not in (None, mine):
     if other is None:
       raise ValueError("recast.target: the checkpoint's layers are laid out "
                        "the other way; pass the other layout's state")
-    abstract = other
+    abstract = other()
 
   def one(path, leaf):
     name = sharding.path_str(path)

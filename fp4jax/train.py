@@ -357,17 +357,13 @@ def _restore(ckpt, abstract: Any, resume, workdir: str, other=None):
   again in its own dtypes. `other()` gives the state in the other layer
   layout, for a step saved that way (recast.target).
   """
-  def target(stored):
-    relaid = recast.stored_stacked(stored) not in (
-        None, recast.stored_stacked(recast.leaf_names(abstract)))
-    return recast.target(abstract, stored, other() if relaid else None)
-
   if resume is None:
     # No complete step: any step folders are damaged, and restore_latest
     # names them in its one-line error.
     return ckpt.restore_latest(abstract, defer_set_aside=True)
   step, stored, conversions = resume
-  restored = ckpt.restore_latest(target(stored), defer_set_aside=True)
+  restored = ckpt.restore_latest(recast.target(abstract, stored, other),
+                                 defer_set_aside=True)
   if restored is None:
     return None
   if restored[0] != step:
@@ -376,7 +372,8 @@ def _restore(ckpt, abstract: Any, resume, workdir: str, other=None):
     stored_then = recast.stored_leaves(workdir, step)
     conversions = recast.check(stored_then, abstract, step=step, where=where)
     if stored_then != stored:
-      state, data_state = ckpt.restore(target(stored_then), step)
+      state, data_state = ckpt.restore(recast.target(abstract, stored_then,
+                                                     other), step)
       restored = (step, state, data_state)
   state = recast.convert(restored[1], abstract)
   for line in conversions:

@@ -218,7 +218,7 @@ def test_a_scanned_train_step_is_the_unrolled_one(tmp_path):
       "model.scan_layers: the layers stacked on a leading layer axis (saved "
       "one per layer) (values unchanged)"]
   read = checkpoint.restore_state(str(tmp_path), 2, recast.target(
-      scanned.abstract_state, stored, unrolled.abstract_state))
+      scanned.abstract_state, stored, lambda: unrolled.abstract_state))
   got = harness.host_tree(recast.convert(read, scanned.abstract_state))
   want = harness.host_tree(recast.convert(su, scanned.abstract_state))
   assert jax.tree.structure(got) == jax.tree.structure(want)
