@@ -102,4 +102,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.text_key = "text"    # .jsonl field / tfds feature with the text
   c.data.tokenizer_train_chars = 10_000_000  # BPE training sample bound
   c.data.stdlib_max_file_bytes = 262_144  # stdlib source: skip larger files
+  # files source (sharded corpora, streamed; fp4jax/data/files.py):
+  c.data.mixture = ()         # ("NAME:WEIGHT:GLOBS", ...) instead of train_files
+  c.data.workers = -1         # tokenizer processes; -1 = cores - 1 (<= 8)
+  c.data.max_bad_records = 0  # bad records skipped before one is an error
   return c

@@ -45,6 +45,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from fp4jax import data
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 BROKEN_DIR = "checkpoints.broken"
@@ -336,11 +338,11 @@ class Checkpointer:
 
     Returns:
       The restored TrainState (arrays placed per the target shardings) and
-      this process's data iterator state.
+      this process's data iterator state (`data.process_state`: every
+      process's when they were another number).
 
     Raises:
-      ValueError: no checkpoint, one that does not fit the target, or one
-        written by a different number of processes.
+      ValueError: no checkpoint, or one that does not fit the target.
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -355,13 +357,8 @@ class Checkpointer:
                            f"in {self.directory} does not match the model "
                            f"being built", mismatch=(ValueError, KeyError,
                                                      TypeError))
-    states = out.data["processes"]
-    if len(states) != jax.process_count():
-      raise ValueError(f"checkpoint step {step} in {self.directory} was "
-                       f"written by {len(states)} processes, now "
-                       f"{jax.process_count()}; the data position cannot be "
-                       f"split differently")
-    return out.state, dict(states[jax.process_index()])
+    return out.state, data.process_state(
+        out.data["processes"], jax.process_index(), jax.process_count())
 
   def restore_latest(self, abstract_state: Any, *,
                      defer_set_aside: bool = False

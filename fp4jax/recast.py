@@ -47,6 +47,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from fp4jax import checkpoint
+from fp4jax import data
 from fp4jax import optim
 from fp4jax import sharding
 
@@ -118,12 +119,7 @@ def stored_data_state(workdir: str, step: int) -> dict[str, Any]:
     raise _unreadable(step, "data/metadata", e) from None
   finally:
     handler.close()
-  if len(states) != jax.process_count():
-    raise ValueError(f"checkpoint step {step} in {os.path.dirname(path)} was "
-                     f"written by {len(states)} processes, now "
-                     f"{jax.process_count()}; the data position cannot be "
-                     f"split differently")
-  return dict(states[jax.process_index()])
+  return data.process_state(states, jax.process_index(), jax.process_count())
 
 
 def _stored_view(leaf: Any) -> tuple[tuple[int, ...], np.dtype]:

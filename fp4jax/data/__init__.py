@@ -9,7 +9,10 @@ returning an iterator with:
                "mask": float32 [b, T], "segment_ids": int32 [b, T]}
               (numpy; b = data.global_batch // process_count; this process's
               rows of the global batch)
-  it.get_state() -> JSON-able dict; it.set_state(d) resumes exactly there
+  it.get_state() -> JSON-able dict; it.set_state(d) resumes exactly there;
+    given `process_state`'s {"all_processes": [...]} (the states of a run
+    on another number of processes) it continues that run's data, or
+    raises ValueError if the source cannot split a position differently
   it.vocab_size -> int
 
 Sources are imported only when chosen, so a run on synthetic data (or the
@@ -32,6 +35,7 @@ SOURCES: dict[str, str] = {
     "text_files": "fp4jax.data.pipeline",  # local .txt / .jsonl files
     "stdlib": "fp4jax.data.pipeline",      # offline smoke corpus
     "tfds": "fp4jax.data.pipeline",        # prepared TFDS catalogue data
+    "files": "fp4jax.data.files",          # sharded corpora, streamed
 }
 
 
@@ -70,3 +74,20 @@ def make_input(data_cfg: Any, *, split: str, seed: int,
   return module.make_input(data_cfg, split=split, seed=seed,
                            process_index=process_index,
                            process_count=process_count, workdir=workdir)
+
+
+def process_state(states: list[dict[str, Any]], process_index: int,
+                  process_count: int) -> dict[str, Any]:
+  """What `set_state` of process `process_index` gets from a checkpoint.
+
+  Args:
+    states: every process's `get_state()`, as the checkpoint holds them.
+    process_index, process_count: this process, now.
+
+  Returns:
+    states[process_index] when the run had `process_count` processes, else
+    {"all_processes": states} (see the module docstring).
+  """
+  if len(states) == process_count:
+    return dict(states[process_index])
+  return {"all_processes": [dict(s) for s in states]}

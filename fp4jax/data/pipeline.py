@@ -50,6 +50,7 @@ import numpy as np
 
 from fp4jax.data import builders
 from fp4jax.data import documents
+from fp4jax.data import packing
 from fp4jax.data import resume
 from fp4jax.data import stdlib_corpus
 from fp4jax.data import tokenizer as tokenizer_lib
@@ -84,7 +85,8 @@ class PackedInput:
                seq_len: int, batch: int, split: str, seed: int,
                segment_ids: bool = False, process_index: int = 0,
                process_count: int = 1, text_key: str = "text",
-               name: str = "records", aliases: tuple[str, ...] = ()):
+               name: str = "records", aliases: tuple[str, ...] = (),
+               source: str = "text_files"):
     """Builds the iterator at the start of the stream.
 
     Args:
@@ -101,6 +103,7 @@ class PackedInput:
       name: the data's identity (cache name), part of the state check.
       aliases: other names of the same data (what earlier versions called
         it): a state saved under one of them is accepted.
+      source: the data.source it serves (for messages).
 
     Raises:
       ValueError: one line naming the data.* key: bad sizes, a shard with no
@@ -141,6 +144,7 @@ class PackedInput:
         "documents": self.num_documents, "rows": batch, "seq_len": seq_len,
         "process_index": process_index, "process_count": process_count}
     self._aliases = tuple(a for a in aliases if a and a != name)
+    self.source = source
     self._split = split
     self._check_length()
     self._lanes = self._start_lanes()
@@ -216,11 +220,7 @@ class PackedInput:
         if offset == doc.size:
           position, offset = position + 1, 0
       lane[0], lane[1] = position, offset
-    mask = (seg[:, 1:] == seg[:, :-1]).astype(np.float32)
-    segment_ids = (seg[:, :-1] if self._segment_ids
-                   else np.ones((self._batch, self._seq_len), np.int32))
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "mask": mask, "segment_ids": np.ascontiguousarray(segment_ids)}
+    return packing.finish_batch(tokens, seg, self._segment_ids)
 
   def get_state(self) -> dict[str, Any]:
     """JSON-able position: every lane's (document position, token offset)."""
@@ -235,6 +235,8 @@ class PackedInput:
       ValueError: a state of another source, data, tokenizer, split, shape
         or process.
     """
+    resume.refuse_resharded(state, self.source, self._identity[
+        "process_count"])
     if (not isinstance(state, dict) or state.get("source") != "packed" or
         state.get("version") != STATE_VERSION):
       raise ValueError(f"not a packed-text data state (version "
@@ -359,7 +361,7 @@ def make_input(data_cfg: Any, *, split: str, seed: int,
       batch=data_cfg.global_batch // process_count, split=split, seed=seed,
       segment_ids=bool(data_cfg.segment_ids), process_index=process_index,
       process_count=process_count, text_key=text_key, name=name,
-      aliases=aliases)
+      aliases=aliases, source=data_cfg.source)
   logging.info("data %s/%s: %d documents in this shard, vocab %d (%s)",
                name, split, it.num_documents, tok.vocab_size,
                tok.path or "in memory")

@@ -20,3 +20,15 @@ def check_identity(saved: Any, now: dict[str, Any]) -> None:
     raise ValueError(
         "data state was saved for other data/settings: " + ", ".join(
             f"{k} {(saved or {}).get(k)!r} -> {now.get(k)!r}" for k in diff))
+
+
+def refuse_resharded(state: Any, source: str, process_count: int) -> None:
+  """Raises ValueError if `state` holds another process count's states
+  (`fp4jax.data.process_state`), for a source whose position is per
+  process and cannot be split differently."""
+  if isinstance(state, dict) and "all_processes" in state:
+    raise ValueError(
+        f"the data position was saved by {len(state['all_processes'])} "
+        f"processes, now {process_count}: data.source={source!r} cannot "
+        f"split it differently (data.source='files' can); resume on "
+        f"{len(state['all_processes'])} processes")

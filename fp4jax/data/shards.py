@@ -93,6 +93,7 @@ from typing import Any
 
 import fsspec
 from absl import logging
+import numpy as np
 import zstandard
 
 from fp4jax.data import documents
@@ -240,9 +241,12 @@ class _ShardFile:
   """
 
   def __init__(self, path: str, *, text_key: str, separator: str,
-               bad: Any):
+               bad: Any, tokens: bool = False):
     self.path = path
     self.fmt = shard_format(path)
+    self.tokens = tokens
+    if tokens and self.fmt != ".array_record":
+      raise ValueError(f"{path}: token shards are .array_record files")
     self.text_key = text_key
     self.separator = separator
     self.bad = bad
@@ -441,12 +445,30 @@ class _ShardFile:
           raise _BadShard(f"records {indices[0]}..{indices[-1]}: corrupt "
                           f"({_one_line(e)})") from None
         for i, raw in zip(indices, batch):
-          yield i, self._json_text(raw, f"{self.path}: record {i}", 0)
+          if self.tokens:
+            yield i, _token_record(raw, self.path, i, self.bad)
+          else:
+            yield i, self._json_text(raw, f"{self.path}: record {i}", 0)
       self.total = total
     finally:
       # A reader that failed reports the failure again on close.
       with contextlib.suppress(RuntimeError):
         reader.close()
+
+
+def _token_record(raw: bytes, path: str, index: int, bad: Any
+                  ) -> np.ndarray | None:
+  """A prepared record: the document's int32 ids (little-endian)."""
+  if len(raw) % 4:
+    bad(f"{path}: record {index}: {len(raw)} bytes is not a whole number "
+        f"of int32 token ids")
+    return None
+  return np.frombuffer(raw, "<i4").astype(np.int32)
+
+
+def encode_tokens(ids: np.ndarray) -> bytes:
+  """One token-shard record (`ShardReader(tokens=True)`) holding `ids`."""
+  return np.asarray(ids, "<i4").tobytes()
 
 
 # --- dealing and positions -------------------------------------------------
@@ -532,6 +554,8 @@ class ShardReader:
     text_key: JSON field / parquet column holding the document.
     separator: .txt document separator line ("" = empty lines).
     max_bad_records: bad records skipped (and counted) before one raises.
+    tokens: the shards are prepared token shards (.array_record records of
+      int32 ids, `encode_tokens`): yields int32 [n] arrays, not strings.
 
   Raises:
     ValueError: no shards, an unsupported extension, bad process index,
@@ -544,7 +568,7 @@ class ShardReader:
                position: dict[str, Any] | None = None,
                text_key: str = "text",
                separator: str = documents.DEFAULT_SEPARATOR,
-               max_bad_records: int = 0):
+               max_bad_records: int = 0, tokens: bool = False):
     self.shards = list(shards)
     if not self.shards:
       raise ValueError("ShardReader: no shards")
@@ -564,9 +588,11 @@ class ShardReader:
     self.text_key = text_key
     self.separator = separator
     self.max_bad_records = max_bad_records
+    self.tokens = tokens
     self.stats = ShardStats()
     self._fingerprint = _fingerprint(self.shards)
     self._start: list[dict[str, Any]] = []   # global states, by epoch
+    self._start_all: list[dict[str, Any]] = []   # never pruned
     self._epoch, self._unit, self._record = epoch, 0, None
     if position is not None:
       self._resume(position)
@@ -590,6 +616,7 @@ class ShardReader:
   def _resume(self, position: dict[str, Any]) -> None:
     self._check(position)
     self._start = [dict(s) for s in position["start"]]
+    self._start_all = list(self._start)
     if position["kind"] == "global":
       self._epoch, self._unit, self._record = position["epoch"], 0, None
       return
@@ -608,20 +635,30 @@ class ShardReader:
 
   def position(self) -> dict[str, Any]:
     """Where this process is: JSON-able, for `position=` or merging."""
-    plan = _plan(len(self.shards), self.process_count, self.process_index,
-                 self.seed, self.shuffle, self._epoch,
-                 self._base(self._epoch)) if self._record is None else None
-    record = self._record
+    return self.position_at(self.cursor())
+
+  def cursor(self) -> tuple[int, int, int | None]:
+    """Where this process is, as a cheap tuple for `position_at` (taken
+    after each document by a consumer that may stop at any of them)."""
+    return self._epoch, self._unit, self._record
+
+  def position_at(self, cursor: tuple[int, int, int | None]
+                  ) -> dict[str, Any]:
+    """The `position()` this reader had when `cursor()` returned `cursor`."""
+    epoch, unit, record = cursor
     if record is None:   # nothing read in this unit yet: its start count
-      record = plan.starts[self._unit] if self._unit < len(
-          plan.starts) else 0
+      plan = _plan(len(self.shards), self.process_count, self.process_index,
+                   self.seed, self.shuffle, epoch,
+                   next((s for s in self._start_all if s["epoch"] == epoch),
+                        None))
+      record = plan.starts[unit] if unit < len(plan.starts) else 0
     return {"version": POSITION_VERSION, "kind": "process",
             "shards": self._fingerprint, "num_shards": len(self.shards),
             "seed": self.seed, "shuffle": self.shuffle,
             "process_count": self.process_count,
-            "process_index": self.process_index, "epoch": self._epoch,
-            "unit": self._unit, "record": record,
-            "start": [s for s in self._start if s["epoch"] >= self._epoch]}
+            "process_index": self.process_index, "epoch": epoch,
+            "unit": unit, "record": record,
+            "start": [s for s in self._start_all if s["epoch"] >= epoch]}
 
   def __iter__(self) -> "ShardReader":
     return self
@@ -649,14 +686,15 @@ class ShardReader:
         if self._record is None:
           self._record = plan.starts[self._unit]
         reader = _ShardFile(self.shards[shard], text_key=self.text_key,
-                            separator=self.separator, bad=self._bad)
+                            separator=self.separator, bad=self._bad,
+                            tokens=self.tokens)
         for i, text in reader.records(piece + plan.pieces * self._record,
                                       plan.pieces):
           self._record = (i - piece) // plan.pieces + 1
           self.stats.records += 1
           if text is None:
             continue
-          if not text.strip():
+          if not (text.size if self.tokens else text.strip()):
             self.stats.skipped_empty += 1
             continue
           self.stats.documents += 1

@@ -146,11 +146,24 @@ class SyntheticInput:
             "identity": dict(self._identity)}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    """Moves to a position returned by `get_state`."""
-    if state.get("source") != "synthetic" or "position" not in state:
-      raise ValueError(f"not a synthetic data state: {state!r}")
-    resume.check_identity(state.get("identity"), self._identity)
-    self._position = int(state["position"])
+    """Moves to a position returned by `get_state`, or to the common
+    position of another process count's states (the batch at a position
+    does not depend on the process count)."""
+    states = state.get("all_processes")
+    for s in states or [state]:
+      if s.get("source") != "synthetic" or "position" not in s:
+        raise ValueError(f"not a synthetic data state: {s!r:.200}")
+      saved, now = dict(s.get("identity") or {}), dict(self._identity)
+      if states:   # only the process layout may differ
+        for key in ("process_index", "process_count"):
+          saved.pop(key, None)
+          now.pop(key, None)
+      resume.check_identity(saved, now)
+    positions = {int(s["position"]) for s in states or [state]}
+    if len(positions) != 1:
+      raise ValueError(f"synthetic data states of one step disagree on the "
+                       f"position: {sorted(positions)}")
+    self._position = positions.pop()
 
 
 def make_input(data_cfg: Any, *, split: str, seed: int, process_index: int,
