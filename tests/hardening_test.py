@@ -235,6 +235,15 @@ def test_the_lock_of_a_killed_run_is_not_stale(tmp_path):
       "--config.data.train_files=CORPUS",
       "--config.data.tokenizer_model=/no.model"),
      "error: data.tokenizer_model: no such file '/no.model'"),
+    ((SMOKE, "--workdir=W", "--config.data.source=files",
+      "--config.data.train_files=FILE"),
+     "file: unsupported shard extension; supported: .jsonl.zst, "),
+    ((SMOKE, "--workdir=W", "--config.data.source=files",
+      "--config.data.train_files=SHARD", "--config.data.text_key=body"),
+     "shard.jsonl:1: no string field 'body' (text_key)"),
+    ((SMOKE, "--workdir=W", "--config.data.source=files",
+      "--config.data.train_files=SHARD", "--config.data.mixture=('a:1:SHARD',)"),
+     "error: set data.train_files or data.mixture, not both"),
     ((SMOKE, "--workdir=W", '--config.quant.overrides={"dge_k": "abc"}'),
      "Recipe.dge_k must be float or None, got 'abc'"),
     ((SMOKE, "--workdir=W", "--config.quant.overrides=abc"),
@@ -257,11 +266,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, match):
   (tmp_path / "bad.py").write_text("def get_config(:\n")
   (tmp_path / "file").write_text("")
   corpus = _text_corpus(tmp_path)
+  shard = tmp_path / "shard.jsonl"
+  shard.write_text('{"text": "a document"}\n')
   subs = {"W": str(tmp_path / "w"), "FILE": str(tmp_path / "file"),
           "BAD": str(tmp_path / "bad.py"), "CORPUS": str(corpus)}
   args = [a.replace("=W", "=" + subs["W"]).replace("FILE", subs["FILE"])
           .replace("BAD", subs["BAD"]).replace("CORPUS", subs["CORPUS"])
-          for a in args]
+          .replace("SHARD", str(shard)) for a in args]
   before = faults.snapshot(tmp_path)
   r = faults.run_main(*args)
   _one_line_error(r, EXIT_ERROR, match)
