@@ -18,7 +18,7 @@ from fp4jax.data import shards
 
 SEP = "\n<|endoftext|>\n"
 FORMATS = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet",
-           ".array_record")
+           ".array_record", ".arrow")
 
 
 def docs(n: int, tag: str = "d") -> list[str]:
@@ -52,6 +52,14 @@ def write(path, docs) -> str:
     with fsspec.open(path, "wb") as f:
       pq.write_table(table, f, row_group_size=3)
     return path
+  elif path.endswith(".arrow"):
+    table = pa.table({"id": list(range(len(docs))),
+                      "text": pa.array(docs, pa.string())})
+    with fsspec.open(path, "wb") as f:
+      with pa.ipc.new_stream(f, table.schema) as w:
+        for batch in table.to_batches(max_chunksize=3):
+          w.write_batch(batch)
+    return path
   elif path.endswith(".array_record"):
     writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
     for d in docs:
@@ -63,3 +71,25 @@ def write(path, docs) -> str:
   with fsspec.open(path, "wb") as f:
     f.write(data)
   return path
+
+
+def write_hf_dataset(path, docs, num_shards: int = 2) -> str:
+  """`docs` as `datasets.Dataset.save_to_disk(path, num_shards)` lays them
+  out (Arrow IPC stream shards and state.json, as datasets 2.x-5.x write
+  them), written with pyarrow alone."""
+  import os  # pylint: disable=g-import-not-at-top
+  os.makedirs(path, exist_ok=True)
+  names = []
+  for k in range(num_shards):
+    name = f"data-{k:05d}-of-{num_shards:05d}.arrow"
+    part = docs[k * len(docs) // num_shards:(k + 1) * len(docs) // num_shards]
+    table = pa.table({"text": pa.array(part, pa.string()),
+                      "id": list(range(len(part)))})
+    with pa.OSFile(os.path.join(path, name), "wb") as f:
+      with pa.ipc.new_stream(f, table.schema) as w:
+        for batch in table.to_batches(max_chunksize=2):
+          w.write_batch(batch)
+    names.append({"filename": name})
+  with open(os.path.join(path, "state.json"), "w") as f:
+    json.dump({"_data_files": names, "_split": None}, f)
+  return str(path)

@@ -184,6 +184,8 @@ def _cut(data: bytes) -> bytes:
     (".array_record", _cut, r"not a readable array_record file"),
     (".array_record", lambda d: d[:80] + bytes([d[80] ^ 255]) + d[81:],
      r"records 0\.\.\d+: corrupt"),
+    (".arrow", _cut, r"record batch after row \d+: unreadable"),
+    (".arrow", lambda d: b"not arrow" + d, r"not a readable Arrow IPC file"),
 ])
 def test_truncated_or_corrupt_shard(tmp_path, ext, mangle, match):
   docs = _docs(400)
@@ -230,6 +232,42 @@ def test_array_record_bad_records(tmp_path):
   assert reader.stats.bad_records == 3
 
 
+def test_a_saved_hugging_face_dataset_is_its_arrow_shards(tmp_path):
+  docs = _docs(11)
+  folder = shard_files.write_hf_dataset(tmp_path / "ds", docs, 3)
+  paths = shards.expand_shards(folder + "/", "data.train_files")
+  assert [p.rsplit("/", 1)[1] for p in paths] == [
+      f"data-{k:05d}-of-00003.arrow" for k in range(3)]
+  assert _read(paths, shuffle=False) == docs
+  assert collections.Counter(_read(paths, process_count=2, process_index=0)
+                             + _read(paths, process_count=2,
+                                     process_index=1)) == collections.Counter(
+                                         docs)
+  (tmp_path / "dd").mkdir()
+  (tmp_path / "dd" / "dataset_dict.json").write_text(
+      '{"splits": ["train", "test"]}')
+  with pytest.raises(ValueError, match=r"holds the splits \['train', "
+                     r"'test'\] of a Hugging Face DatasetDict; name one "
+                     r"split's folder, e\.g\. .*dd/train"):
+    shards.expand_shards(str(tmp_path / "dd"), "data.train_files")
+  with pytest.raises(ValueError, match="is a directory, not a shard"):
+    shards.expand_shards(str(tmp_path), "data.train_files")
+  (tmp_path / "ds" / "data-00001-of-00003.arrow").unlink()
+  with pytest.raises(FileNotFoundError, match=r"lists 'data-00001-of-00003"
+                     r"\.arrow', which is missing"):
+    shards.expand_shards(folder, "data.train_files")
+
+
+@pytest.mark.hf
+def test_datasets_save_to_disk_reads_back(tmp_path):
+  datasets = pytest.importorskip("datasets")
+  docs = _docs(9)
+  ds = datasets.Dataset.from_dict({"text": docs, "n": list(range(9))})
+  ds.save_to_disk(str(tmp_path / "ds"), num_shards=2)
+  paths = shards.expand_shards(str(tmp_path / "ds"), "data.train_files")
+  assert len(paths) == 2 and _read(paths, shuffle=False) == docs
+
+
 def test_array_record_needs_a_local_file():
   fs = fsspec.filesystem("memory")
   try:
@@ -267,7 +305,7 @@ def _corpus(tmp_path, sizes) -> tuple[list[str], list[str]]:
   paths, docs = [], []
   for k, n in enumerate(sizes):
     part = _docs(n, tag=f"s{k}d")
-    paths.append(_write(tmp_path / f"shard{k:02d}{FORMATS[k % 6]}", part))
+    paths.append(_write(tmp_path / f"shard{k:02d}{FORMATS[k % len(FORMATS)]}", part))
     docs += part
   return paths, docs
 

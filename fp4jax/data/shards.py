@@ -16,6 +16,11 @@ as text):
   .array_record: each record one UTF-8 JSON object, the document under
     `text_key` (`encode_record` writes one), the same as a .jsonl line.
     Local files only: ArrayRecordReader opens the path itself.
+  .arrow: Arrow IPC (stream or file format), the string column
+    `text_key`: the shards of a Hugging Face `datasets` Dataset saved with
+    `save_to_disk`. Its directory may be named instead of its files: it
+    stands for the shards its state.json lists, in order (reading needs
+    pyarrow only, not `datasets`).
 Text is decoded as strict UTF-8 (documents.py's default replaces bad
 bytes instead). Documents that are empty or whitespace only are skipped
 and counted, as in documents.py.
@@ -82,6 +87,7 @@ ml_collections, or any fp4jax module but documents.
 
 import contextlib
 import dataclasses
+import glob
 import gzip
 import hashlib
 import io
@@ -100,7 +106,9 @@ from fp4jax.data import documents
 
 # Longest first: ".jsonl.gz" must not be taken for an unknown ".gz".
 EXTENSIONS = (".jsonl.zst", ".jsonl.gz", ".jsonl", ".txt", ".parquet",
-              ".array_record")
+              ".array_record", ".arrow")
+HF_STATE = "state.json"           # a `datasets` Dataset.save_to_disk dir
+HF_DICT = "dataset_dict.json"     # a DatasetDict's: one folder per split
 POSITION_VERSION = 1
 _CHUNK = 1 << 20             # compressed bytes read per zstd step
 _ARRAY_RECORD_BATCH = 256    # records fetched per ArrayRecordReader.read
@@ -145,9 +153,40 @@ def _shard_files(pattern: str, key: str) -> list[str]:
   """The files a path, URL or glob names, through fsspec: absolute local
   paths, or URLs with their protocol (glob matches sorted)."""
   fs, path = fsspec.core.url_to_fs(pattern)
-  found = documents.match(path, key, fs.glob, fs.isfile, shown=pattern)
+  if not glob.has_magic(path) and fs.isdir(path):
+    found = _hf_files(fs, path.rstrip("/"), key, pattern)
+  else:
+    found = documents.match(path, key, fs.glob, fs.isfile, shown=pattern)
   return [os.path.abspath(p) if _is_local(fs) else fs.unstrip_protocol(p)
           for p in found]
+
+
+def _hf_files(fs: Any, path: str, key: str, shown: str) -> list[str]:
+  """The .arrow shards of a Hugging Face `datasets` directory, in order.
+
+  Raises:
+    ValueError: a DatasetDict (names its splits), or a directory that is
+      not a saved dataset.
+  """
+  if fs.isfile(f"{path}/{HF_DICT}"):
+    with fs.open(f"{path}/{HF_DICT}", "rb") as f:
+      splits = json.load(f).get("splits", [])
+    raise ValueError(f"{key}: {shown!r} holds the splits {splits} of a "
+                     f"Hugging Face DatasetDict; name one split's folder, "
+                     f"e.g. {shown.rstrip('/')}/{(splits or ['train'])[0]}")
+  if not fs.isfile(f"{path}/{HF_STATE}"):
+    raise ValueError(f"{key}: {shown!r} is a directory, not a shard, a "
+                     f"glob or a saved Hugging Face dataset (no {HF_STATE})")
+  with fs.open(f"{path}/{HF_STATE}", "rb") as f:
+    state = json.load(f)
+  names = [d["filename"] for d in state.get("_data_files", [])]
+  if not names:
+    raise ValueError(f"{key}: {shown!r}/{HF_STATE} lists no data files")
+  for name in names:
+    if not fs.isfile(f"{path}/{name}"):
+      raise FileNotFoundError(f"{key}: {shown!r}/{HF_STATE} lists "
+                              f"{name!r}, which is missing")
+  return [f"{path}/{n}" for n in names]
 
 
 def expand_shards(patterns: str | Sequence[str],
@@ -261,6 +300,8 @@ class _ShardFile:
         yield from self._txt(first, step)
       elif self.fmt == ".parquet":
         yield from self._parquet(first, step)
+      elif self.fmt == ".arrow":
+        yield from self._arrow(first, step)
       else:
         yield from self._array_record(first, step)
     except _BadShard as e:
@@ -384,16 +425,7 @@ class _ShardFile:
       except (pyarrow.ArrowException, OSError) as e:
         raise _BadShard(f"not a readable parquet file ({_one_line(e)})"
                         ) from None
-      schema = pf.schema_arrow
-      at = schema.get_field_index(self.text_key)
-      if at < 0:
-        raise _BadShard(f"no column {self.text_key!r} (text_key); columns: "
-                        f"{', '.join(schema.names)}")
-      kind = schema.field(at).type
-      if not (pyarrow.types.is_string(kind)
-              or pyarrow.types.is_large_string(kind)):
-        raise _BadShard(f"column {self.text_key!r} (text_key) is {kind}, "
-                        f"not a string")
+      self._check_text_column(pf.schema_arrow)
       row = 0
       for group in range(pf.metadata.num_row_groups):
         rows = pf.metadata.row_group(group).num_rows
@@ -405,12 +437,73 @@ class _ShardFile:
           except (pyarrow.ArrowException, OSError) as e:
             raise _BadShard(f"row group {group}: unreadable "
                             f"({_one_line(e)})") from None
-          values = column.column(0).to_pylist()
-          for i in range(start, end, step):
-            text = values[i - row]
-            if text is None:
-              self.bad(f"{self.path}: row {i}: {self.text_key!r} is null")
-            yield i, text
+          yield from self._rows(column.column(0), row, start, end, step)
+        row = end
+      self.total = row
+
+  def _check_text_column(self, schema: Any) -> None:
+    import pyarrow  # pylint: disable=g-import-not-at-top
+    at = schema.get_field_index(self.text_key)
+    if at < 0:
+      raise _BadShard(f"no column {self.text_key!r} (text_key); columns: "
+                      f"{', '.join(schema.names)}")
+    kind = schema.field(at).type
+    if not (pyarrow.types.is_string(kind)
+            or pyarrow.types.is_large_string(kind)):
+      raise _BadShard(f"column {self.text_key!r} (text_key) is {kind}, "
+                      f"not a string")
+
+  def _rows(self, column: Any, row: int, start: int, end: int, step: int
+            ) -> Iterator[tuple[int, str | None]]:
+    """Rows start, start + step, ... < end of a text column whose first
+    row is number `row`; a null is a bad record."""
+    values = column.to_pylist()
+    for i in range(start, end, step):
+      text = values[i - row]
+      if text is None:
+        self.bad(f"{self.path}: row {i}: {self.text_key!r} is null")
+      yield i, text
+
+  def _arrow(self, first: int, step: int):
+    # A Hugging Face `datasets` shard (Dataset.save_to_disk): Arrow IPC,
+    # stream format (the file format is read too), one record batch at a
+    # time.
+    import pyarrow  # pylint: disable=g-import-not-at-top
+    import pyarrow.ipc  # pylint: disable=g-import-not-at-top
+    fs, path = fsspec.core.url_to_fs(self.path)
+    if fs.size(path) == 0:
+      self.total = 0
+      return
+    with fs.open(path, "rb") as f:
+      try:
+        batches = pyarrow.ipc.open_stream(f)
+      except (pyarrow.ArrowException, OSError):
+        f.seek(0)
+        try:
+          batches = pyarrow.ipc.open_file(f)
+        except (pyarrow.ArrowException, OSError) as e:
+          raise _BadShard(f"not a readable Arrow IPC file "
+                          f"({_one_line(e)})") from None
+      self._check_text_column(batches.schema)
+      at = batches.schema.get_field_index(self.text_key)
+      if isinstance(batches, pyarrow.ipc.RecordBatchFileReader):
+        chunks = (batches.get_batch(i)
+                  for i in range(batches.num_record_batches))
+      else:
+        chunks = iter(batches)
+      row = 0
+      while True:
+        try:
+          batch = next(chunks, None)
+        except (pyarrow.ArrowException, OSError) as e:
+          raise _BadShard(f"record batch after row {row}: unreadable "
+                          f"({_one_line(e)})") from None
+        if batch is None:
+          break
+        end, start = row + batch.num_rows, max(first, row)
+        start += (first - start) % step
+        if start < end:
+          yield from self._rows(batch.column(at), row, start, end, step)
         row = end
       self.total = row
 
