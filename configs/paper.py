@@ -2,7 +2,7 @@ r"""The paper's runs (RECIPE.md §7): LLaMA-2 1.3B / 7B / 13B, FP4 vs BF16.
 
   python -m fp4jax.plan --config=configs/paper.py:size=1.3b,nodes=4
   python -m fp4jax.main \
-      --config=configs/paper.py:size=1.3b,recipe=fp4_paper,nodes=4,corpus='/data/dclm/*.txt',tokenizer=/models/llama2/tokenizer.model \
+      --config=configs/paper.py:size=1.3b,recipe=fp4_paper,nodes=4,corpus='/data/dclm/*.jsonl.zst',tokenizer=/models/llama2/tokenizer.model \
       --workdir=runs/paper-1.3b-fp4
 
 Args (`file.py:k=v,...`):
@@ -13,8 +13,13 @@ Args (`file.py:k=v,...`):
     one GPU; 1 for 1.3b).
   tokens: training tokens (paper: 100e9; the ablations: 10e9 at batch=256).
   batch: sequences per step (paper: 2048, ~4M tokens; ablations: 256).
-  corpus: the training text, a glob (sharded web corpora: see
-    docs/cluster.md); empty = set data.train_files yourself.
+  corpus: the training shards, streamed (data.source="files"): a glob of
+    .jsonl.zst / .jsonl.gz / .jsonl / .parquet / .arrow / .txt /
+    .array_record shards, local or any fsspec URL (gs://, s3:// with their
+    plugin), or a directory made by `python -m fp4jax.data.prepare`
+    (docs/cluster.md, "Data"); empty = set data.train_files yourself.
+  val: the val shards (a glob, e.g. one DCLM shard left out of `corpus`);
+    empty = hold out data.val_fraction (1%) of the corpus's documents.
   tokenizer: the LLaMA-2 SentencePiece model (32000 pieces).
   device_memory_gb: GPU memory to plan for (80: H100 / A100-80GB).
 
@@ -42,7 +47,7 @@ RECIPES = ("fp4_paper", "bf16")
 def get_config(arg: str | None = None):
   a = common.parse_arg(arg, size="1.3b", recipe="fp4_paper", nodes=4,
                        gpus_per_node=8, tokens=100e9, batch=2048, corpus="",
-                       tokenizer="", device_memory_gb=80.0)
+                       val="", tokenizer="", device_memory_gb=80.0)
   if a.size not in SIZES:
     raise ValueError(f"paper.py: size must be one of {SIZES}, got "
                      f"{a.size!r}")
@@ -61,8 +66,9 @@ def get_config(arg: str | None = None):
   c.data.seq_len = SEQ_LEN
   c.data.global_batch = a.batch
   c.data.vocab_size = VOCAB
-  c.data.source = "text_files"
+  c.data.source = "files"
   c.data.train_files = (a.corpus,) if a.corpus else ()
+  c.data.val_files = (a.val,) if a.val else ()
   c.data.tokenizer_model = a.tokenizer
   c.num_steps = max(1, round(a.tokens / (a.batch * SEQ_LEN)))
   c.log_every = 10

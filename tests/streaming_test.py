@@ -402,3 +402,19 @@ def test_packed_text_sources_refuse_another_process_count():
 def test_auto_workers_leave_a_core():
   assert 1 <= files.auto_workers(-1) <= files.MAX_AUTO_WORKERS
   assert files.auto_workers(3) == 3
+
+
+def test_the_paper_preset_streams_a_dclm_style_glob(tmp_path, tok_path):
+  from configs import paper  # pylint: disable=g-import-not-at-top
+  _shards(tmp_path, _docs(30), 3)
+  (tmp_path / "val").mkdir()
+  shard_files.write(tmp_path / "val" / "v.jsonl.zst", _docs(5, 900))
+  c = paper.get_config(f"size=1.3b,nodes=1,corpus={tmp_path}/s*.jsonl.zst,"
+                       f"val={tmp_path}/val/*.jsonl.zst,tokenizer={tok_path}")
+  assert c.data.source == "files"
+  d = c.data
+  d.vocab_size, d.seq_len, d.global_batch, d.workers = VOCAB, SEQ, ROWS, 0
+  b = next(_input(d))
+  assert b["inputs"].shape == (ROWS, SEQ)
+  v = next(_input(d, split="val"))
+  assert v["inputs"].shape == (ROWS, SEQ)
