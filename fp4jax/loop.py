@@ -232,6 +232,7 @@ class Loop:
           summary["val_loss"] = self._evaluate(state)
         if tele is not None:
           summary.update(tele)
+        summary.update(_data_shares(self.train_it))
         if (step % config.log_every == 0 or is_eval or step == num_steps
             or stop or tele is not None):
           self.writer.write(step, summary)
@@ -343,3 +344,15 @@ class Loop:
     jax.block_until_ready(state)
     jax.profiler.stop_trace()
     self.tracing = False
+
+
+def _data_shares(it) -> dict[str, float]:
+  """A mixture's realized token shares so far ({"data_share/NAME": x}),
+  for the metrics; {} for a one-source input."""
+  realized = getattr(it, "realized", None)
+  if realized is None:
+    return {}
+  shares = realized()
+  if len(shares) < 2:
+    return {}
+  return {f"data_share/{name}": share for name, share in shares.items()}

@@ -164,6 +164,10 @@ def console_line(step: int, num_steps: int, m: Mapping[str, Any]) -> str:
     parts.append(f"MFU {100 * m['mfu']:.1f}%")
   if m.get("skipped_total"):
     parts.append(f"skipped {m['skipped_total']}")
+  shares = [f"{k.split('/', 1)[1]} {v:.3f}" for k, v in m.items()
+            if k.startswith("data_share/")]
+  if shares:
+    parts.append("data " + " ".join(shares))
   if "eta_sec" in m:
     parts.append(f"ETA {_duration(m['eta_sec'])}")
   return " | ".join(parts)

@@ -31,9 +31,10 @@ def _corpus(tmp_path) -> str:
 
 
 def _args(workdir, corpus, steps, *extra):
+  data = (f"--config.data.mixture={corpus}" if corpus.startswith("(")
+          else f"--config.data.train_files={corpus}")
   return ("--config=configs/demo.py:smoke", f"--workdir={workdir}",
-          "--config.data.source=files", f"--config.data.train_files={corpus}",
-          "--config.data.vocab_size=300",
+          "--config.data.source=files", data, "--config.data.vocab_size=300",
           "--config.data.tokenizer_train_chars=20000",
           "--config.model.n_layers=1", "--config.data.global_batch=4",
           "--config.data.seq_len=32", f"--config.num_steps={steps}",
@@ -72,18 +73,27 @@ def _advance(d, seed, pidx, pcount, batches, start=None):
   return state
 
 
-def test_a_files_run_saves_the_position_the_stream_reached(tmp_path):
-  corpus = _corpus(tmp_path)
+def test_a_mixture_run_saves_the_position_the_stream_reached(tmp_path):
+  web = _corpus(tmp_path)
+  code = [f"def f{i}(x):\n  return x * {i}\n" for i in range(40)]
+  shard_files.write(tmp_path / "code.parquet", code)
+  mixture = f"('web:0.75:{web}','code:0.25:{tmp_path}/code.parquet')"
   workdir = tmp_path / "run"
-  r = faults.run_main(*_args(workdir, corpus, 4, "--config.data.workers=1",
+  r = faults.run_main(*_args(workdir, mixture, 4, "--config.data.workers=1",
                              "--config.eval_every=2", "--config.eval_steps=1",
-                             "--config.data.val_fraction=0.2"))
+                             "--config.data.val_fraction=0.2",
+                             "--config.log_every=2"))
   assert r.returncode == 0, r.stderr[-3000:]
   d, config = _data_config(workdir)
   for step in (2, 4):
     saved = _states(workdir, step)
     assert len(saved) == 1 and saved[0]["source"] == "files"
     assert saved[0] == _advance(d, _seed(config), 0, 1, step)
+  records = [json.loads(l) for l in
+             (workdir / "metrics.jsonl").read_text().splitlines()]
+  last = [r for r in records if "data_share/web" in r][-1]
+  assert last["data_share/web"] + last["data_share/code"] == pytest.approx(1)
+  assert last["data_share/web"] == pytest.approx(0.75, abs=0.1)
 
 
 def _launch(n, args):
