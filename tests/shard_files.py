@@ -93,3 +93,23 @@ def write_hf_dataset(path, docs, num_shards: int = 2) -> str:
   with open(os.path.join(path, "state.json"), "w") as f:
     json.dump({"_data_files": names, "_split": None}, f)
   return str(path)
+
+
+def marked_docs(n: int, start: int = 0, tag: str = "") -> list[str]:
+  """Documents "D<i:04d>|<tag> words..." for i in [start, start + n): a
+  unique marker first, non-ASCII words, every fourth with a second line."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(start)
+  words = ["alpha", "beta", "gamma", "délta", "eps", "zeta", "\"eta\"",
+           "theta", "✓"]
+  return [f"D{i:04d}|{tag} " + " ".join(rng.choice(words, 3 + i % 11)) +
+          ("\nsecond line" if i % 4 == 0 else "")
+          for i in range(start, start + n)]
+
+
+def train_tokenizer(path, docs, vocab: int) -> str:
+  """A lossless BPE model of `vocab` pieces trained on `docs`' lines."""
+  from fp4jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  lines = [l for d in docs for l in d.split("\n")]
+  path.write_bytes(tokenizer_lib.train_bpe(lines, vocab))
+  return str(path)

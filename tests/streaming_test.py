@@ -24,26 +24,17 @@ from fp4jax.data import tokenizer as tokenizer_lib
 
 import shard_files
 
+_docs = shard_files.marked_docs
+
 VOCAB = 320
 SEQ, ROWS = 24, 3
 MARK = re.compile(r"D(\d{4})\|")
 
 
-def _docs(n: int, start: int = 0, tag: str = "") -> list[str]:
-  rng = np.random.default_rng(start)
-  words = ["alpha", "beta", "gamma", "délta", "eps", "zeta", "\"eta\"",
-           "theta", "✓"]
-  return [f"D{i:04d}|{tag} " + " ".join(rng.choice(words, 3 + i % 11)) +
-          ("\nsecond line" if i % 4 == 0 else "")
-          for i in range(start, start + n)]
-
-
 @pytest.fixture(scope="module")
 def tok_path(tmp_path_factory):
-  lines = [l for d in _docs(400) for l in d.split("\n")]
-  path = tmp_path_factory.mktemp("tok") / "stream.model"
-  path.write_bytes(tokenizer_lib.train_bpe(lines, VOCAB))
-  return str(path)
+  return shard_files.train_tokenizer(
+      tmp_path_factory.mktemp("tok") / "stream.model", _docs(400), VOCAB)
 
 
 @pytest.fixture(scope="module")

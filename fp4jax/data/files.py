@@ -7,8 +7,9 @@ for them, and the tokenizer worker pools a run's iterators share.
 
 Keys:
   data.train_files: shards: paths, URLs or globs, comma-separated or a
-    sequence (`shards.expand_shards`), or a prepared directory
-    (`prepare.py`: token shards, no tokenizing).
+    sequence (`shards.expand_shards`), or prepared directories
+    (`python -m fp4jax.data.prepare`: token shards, not tokenized again;
+    a pattern that is a directory must be a finished one).
   data.mixture: instead of train_files, several sources with weights:
     a sequence of "NAME:WEIGHT:PATTERNS" strings or (name, weight,
     patterns) tuples, e.g. ("web:0.9:/data/dclm/*.jsonl.zst",
@@ -19,9 +20,12 @@ Keys:
   data.max_bad_records: bad records skipped and counted before one is an
     error (0 = the first is).
   data.workers: tokenizer processes; -1 = one per core but one, at most 8.
-  data.tokenizer_model: a SentencePiece model; "" = train one on a sample
-    of the first source (data.tokenizer_train_chars characters) and keep it
-    in the run directory.
+  data.tokenizer_model: a SentencePiece model; "" = the prepared
+    directories' tokenizer.model when a source (train or val) is prepared,
+    else train one on a sample of the first source
+    (data.tokenizer_train_chars characters) and keep it in the run
+    directory. With a prepared source it must be the model the directory
+    was prepared with; raw sources beside it are tokenized with it too.
 
 Must not import: jax, ml_collections, tensorflow_datasets, grain, or fp4jax
 modules outside fp4jax.data.
@@ -36,6 +40,7 @@ from typing import Any
 
 from absl import logging
 
+from fp4jax.data import prepare
 from fp4jax.data import shards as shards_lib
 from fp4jax.data import streaming
 from fp4jax.data import tokenize_pool
@@ -50,7 +55,8 @@ _POOLS: dict[tuple[str, int], tokenize_pool.TokenizePool] = {}
 
 
 @atexit.register
-def _close_pools() -> None:
+def close_pools() -> None:
+  """Stops every shared tokenizer pool (at exit, or to time a cold start)."""
   for pool in _POOLS.values():
     pool.close()
   _POOLS.clear()
@@ -108,6 +114,10 @@ def _mixture_entries(mixture: Any) -> list[tuple[str, float, Any]]:
 
 def _source(name: str, patterns: Any, weight: float, key: str
             ) -> streaming.Source:
+  prepared = prepare.prepared_source(patterns, key)
+  if prepared is not None:
+    return streaming.Source(name=name, weight=weight,
+                            shards=prepared.shards, tokens=True)
   return streaming.Source(name=name, weight=weight, shards=tuple(
       shards_lib.expand_shards(patterns, key)))
 
@@ -169,12 +179,21 @@ def _sample_lines(source: streaming.Source, data_cfg: Any
 def run_tokenizer(data_cfg: Any, srcs: Sequence[streaming.Source],
                   name: str, workdir: str | None
                   ) -> tokenizer_lib.Tokenizer:
-  """data.tokenizer_model, or the run's BPE model (trained once on a
-  sample of the first source, then reused from the workdir).
+  """data.tokenizer_model, the prepared sources' tokenizer, or the run's
+  BPE model (trained once on a sample of the first source, then reused
+  from the workdir).
+
+  Args:
+    srcs: the run's sources: training ones first (a BPE sample comes from
+      srcs[0]), and data.val_files' when set (they may be prepared).
 
   Raises:
     ValueError / FileNotFoundError: naming the data.* key.
   """
+  prepared = [s.shards for s in srcs if s.tokens]
+  if prepared:
+    return prepare.run_tokenizer(prepared, data_cfg.tokenizer_model,
+                                 data_cfg.vocab_size)
   store = (os.path.join(workdir, TOKENIZER_FILE) if workdir else "")
   if not data_cfg.tokenizer_model and not workdir:
     raise ValueError("data.source='files' without a workdir needs "
@@ -210,8 +229,11 @@ def make_input(data_cfg: Any, *, split: str, seed: int,
   holdout = 0.0 if data_cfg.val_files else float(data_cfg.val_fraction)
   if split == "val" and data_cfg.val_files:
     name = data_name(srcs, data_cfg)
-  tok = run_tokenizer(data_cfg, train_srcs, data_name(train_srcs, data_cfg),
-                      workdir)
+  val_srcs = sources(data_cfg, "val") if data_cfg.val_files else []
+  tok = run_tokenizer(data_cfg, [*train_srcs, *val_srcs],
+                      data_name(train_srcs, data_cfg), workdir)
+  if all(s.tokens for s in srcs):
+    workers = 0     # nothing to tokenize: no worker processes
   it = streaming.StreamInput(
       srcs, tokenizer=tok, pool=pool_for(tok, workers),
       seq_len=data_cfg.seq_len, batch=data_cfg.global_batch // process_count,
@@ -221,7 +243,9 @@ def make_input(data_cfg: Any, *, split: str, seed: int,
       max_bad_records=max_bad, holdout=holdout, name=name)
   it.probe()
   logging.info("data %s/%s: %s, %d tokenizer workers, vocab %d", name,
-               split, ", ".join(f"{s.name} {len(s.shards)} shard(s)"
-                                f"{f' weight {s.weight:g}' if len(srcs) > 1 else ''}"
-                                for s in srcs), workers, tok.vocab_size)
+               split, ", ".join(
+                   f"{s.name} {len(s.shards)} "
+                   f"{'prepared ' if s.tokens else ''}shard(s)"
+                   f"{f' weight {s.weight:g}' if len(srcs) > 1 else ''}"
+                   for s in srcs), workers, tok.vocab_size)
   return it
