@@ -47,9 +47,8 @@ shard's done record and drops its claim. A shard with a done record (and
 its output, of the recorded size) is skipped, so a rerun does only what is
 missing and a finished directory is left untouched (a rerun may change
 data.max_bad_records; each shard records its bad_records). A claim of a
-dead
-process of this host is taken over (its temporary file removed); claims of
-other hosts are waited for (their pids cannot be checked from here), or,
+dead process of this host is taken over (its temporary file removed);
+claims of other hosts are waited for (their pids cannot be checked here), or,
 with --steal_claims, the ones present when the command starts are taken
 over: use it only when those runs are dead. When no shard is left to
 claim a process waits (up to --wait_s) for the ones others hold, and every
