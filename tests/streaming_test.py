@@ -409,3 +409,31 @@ def test_the_paper_preset_streams_a_dclm_style_glob(tmp_path, tok_path):
   assert b["inputs"].shape == (ROWS, SEQ)
   v = next(_input(d, split="val"))
   assert v["inputs"].shape == (ROWS, SEQ)
+
+
+def test_a_state_set_and_saved_again_before_any_batch_is_the_same(
+    tmp_path, tok_path):
+  # A run stopped right after its restore saves the state it was given;
+  # a merged one is saved per process and resumes on yet another count.
+  paths = _shards(tmp_path, _docs(30), 3)
+  states = []
+  for p in range(2):
+    it = _input(_cfg(tok_path, train_files=tuple(paths), global_batch=6),
+                pidx=p, pcount=2)
+    next(it)
+    states.append(json.loads(json.dumps(it.get_state())))
+    it.close()
+  again = _input(_cfg(tok_path, train_files=tuple(paths), global_batch=6),
+                 pidx=1, pcount=2)
+  again.set_state(states[1])
+  assert again.get_state() == states[1]
+  want = next(again)
+  one = _input(_cfg(tok_path, train_files=tuple(paths)))
+  one.set_state(data.process_state(states, 0, 1))
+  unread = json.loads(json.dumps(one.get_state()))
+  assert unread["sources"][0]["at"]["kind"] == "process"
+  first = next(one)
+  other = _input(_cfg(tok_path, train_files=tuple(paths)))
+  other.set_state(unread)
+  np.testing.assert_array_equal(next(other)["inputs"], first["inputs"])
+  assert want["inputs"].shape == (3, SEQ)

@@ -51,6 +51,7 @@ modules outside fp4jax.data.
 import atexit
 import dataclasses
 import hashlib
+import json
 import queue
 import threading
 import weakref
@@ -324,6 +325,7 @@ class StreamInput:
     # The document being cut: [source, ids, tokens used, cursor after].
     self._current: list[Any] | None = None
     self._pending: tuple[int, int] | None = None  # (source, offset) to cut
+    self._saved: dict[str, Any] | None = None     # set_state's, until read
     self.consumed = 0
 
   # --- streams ---------------------------------------------------------
@@ -363,6 +365,7 @@ class StreamInput:
                            f"(tokenizer or shards changed?)")
         self._current = [i, ids, offset, cursor]
         self._pending = None
+      self._saved = None
     return self._streams
 
   def close(self) -> None:
@@ -446,21 +449,20 @@ class StreamInput:
 
   def get_state(self) -> dict[str, Any]:
     """JSON-able position (module docstring)."""
+    if self._streams is None and self._saved is not None:
+      return json.loads(json.dumps(self._saved))   # set, not yet read on
     sources = []
     for i in range(len(self.sources)):
-      if self._streams is None:
-        at = self._positions[i] or self._reader(i, None).position()
+      if self._streams is None:   # a start or a merged global position
+        at = self._reader(i, self._positions[i]).position()
       else:
-        reader = self._streams[i].reader
-        at = reader.position_at(self._at[i])
+        at = self._streams[i].reader.position_at(self._at[i])
       sources.append({"at": at, "taken": int(self._taken[i])})
     current = None
     if self._current is not None:
       i, _, used, cursor = self._current
       current = {"source": i, "used": used,
                  "after": self._streams[i].reader.position_at(cursor)}
-    elif self._pending is not None:
-      raise AssertionError("unreachable: pending cut outside _open")
     return {"source": "files", "version": STATE_VERSION,
             "identity": dict(self._identity),
             "process_index": self._pidx, "process_count": self._pcount,
@@ -484,7 +486,9 @@ class StreamInput:
       resume.check_identity(s.get("identity"), self._identity)
     self.close()
     self._current = None
+    self._saved = None
     if states is None:
+      self._saved = json.loads(json.dumps(state))
       self._positions = [s["at"] for s in state["sources"]]
       self._taken = np.array([s["taken"] for s in state["sources"]],
                              np.int64)
