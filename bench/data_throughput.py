@@ -238,8 +238,9 @@ def stream_main() -> None:
     t0 = time.perf_counter()
     with open(path, "wb") as f:
       f.write(tokenizer_lib.train_bpe(lines, 32000))
-    print(f"tokenizer: 32k BPE trained in {time.perf_counter() - t0:.0f} s")
     tok = tokenizer_lib.Tokenizer.load(path)
+    print(f"tokenizer: {tok.vocab_size}-piece BPE trained in "
+          f"{time.perf_counter() - t0:.0f} s")
   shard_dir = os.path.join(tmp, "shards")
   os.makedirs(shard_dir)
   _write_shards(docs, shard_dir, _NUM_SHARDS.value)
@@ -255,8 +256,8 @@ def stream_main() -> None:
     rates[w] = r["tokens_per_s"]
     ratio = r["tokenized"] / r["consumed"]
     print(f"workers {w}: {r['tokens_per_s']:,.0f} tokens/s delivered "
-          f"({r['tokens_per_s'] / cores:,.0f} per core), tokenized / consumed "
-          f"{ratio:.3f} (goal <= {GOAL_TOKENIZED})")
+          f"({r['tokens_per_s'] / w:,.0f} per worker core), tokenized / "
+          f"consumed {ratio:.3f} (goal <= {GOAL_TOKENIZED})")
   best = max(rates.values())
   print(f"delivered / raw encode on {cores} cores: {best / raw:.2f}x (goal >= "
         f"{GOAL_RAW}): {'OK' if best >= GOAL_RAW * raw else 'BELOW GOAL'}")
