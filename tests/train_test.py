@@ -366,6 +366,22 @@ def test_synthetic_state_resumes_exactly():
   np.testing.assert_array_equal(next(other)["inputs"], want["inputs"])
 
 
+def test_synthetic_resumes_on_another_process_count():
+  cfg = _config().data
+  parts = [data.make_input(cfg, split="train", seed=0, process_index=i,
+                           process_count=2) for i in range(2)]
+  for it in parts:
+    next(it)
+  states = [json.loads(json.dumps(it.get_state())) for it in parts]
+  want = np.concatenate([next(it)["inputs"] for it in parts])
+  one = data.make_input(cfg, split="train", seed=0)
+  one.set_state(data.process_state(states, 0, 1))
+  np.testing.assert_array_equal(next(one)["inputs"], want)
+  states[1]["position"] = 5
+  with pytest.raises(ValueError, match=r"disagree on the position: \[1, 5\]"):
+    one.set_state(data.process_state(states, 0, 1))
+
+
 def test_synthetic_is_learnable_and_segments_mask_targets():
   cfg = _config(**{"data.segment_ids": True, "data.seq_len": 256}).data
   b = next(data.make_input(cfg, split="train", seed=0))
