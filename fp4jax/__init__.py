@@ -1,7 +1,7 @@
 """fp4jax: FP4 quantized LLaMA training in JAX.
 
 Layers point one way (a module imports only modules to its left):
-numerics -> qconfig -> quant -> gemm -> kernels (Pallas) -> qdot ->
+backend -> numerics -> qconfig -> quant -> gemm -> kernels (Pallas) -> qdot ->
 sharding -> sizes / llama -> optim / data / checkpoint / flops / metrics ->
 train_state -> train -> main. qdot is the one dispatch point that chooses
 a kernel (its can_use_* predicate) or its jnp reference, outside jit.

@@ -31,6 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fp4jax import backend
 from fp4jax import numerics
 from fp4jax.qconfig import TensorQuant
 
@@ -83,7 +84,7 @@ def resolve(name: str) -> str:
   becomes the default there once its device figures are in)."""
   if name != "auto":
     return name
-  return "reference" if jax.default_backend() == "cpu" else "fast"
+  return "reference" if backend.target() == "cpu" else "fast"
 
 
 class Operand(NamedTuple):
@@ -154,7 +155,7 @@ def _precision(dtypes, accumulation: str):
   if dtypes[0] == jnp.float32:
     return jax.lax.Precision.HIGHEST
   fp8 = all(jnp.dtype(d).itemsize == 1 for d in dtypes)
-  if not fp8 or jax.default_backend() != "gpu":
+  if not fp8 or backend.target() != "gpu":
     return None
   if accumulation == "fp32":
     return jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32
@@ -212,7 +213,7 @@ MIN_CC = 10.0       # Blackwell
 
 
 def _device_ok() -> bool:
-  if jax.default_backend() != "gpu" or not hasattr(jax.nn, "scaled_matmul"):
+  if backend.target() != "gpu" or not hasattr(jax.nn, "scaled_matmul"):
     return False
   try:
     cc = float(getattr(jax.devices()[0], "compute_capability", "0"))

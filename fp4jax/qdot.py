@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from fp4jax import compensation, gemm, hadamard, numerics, quant
+from fp4jax import backend, compensation, gemm, hadamard, numerics, quant
 from fp4jax.kernels import row_quant
 from fp4jax.qconfig import RECIPES, Recipe, TensorQuant, get_recipe
 
@@ -69,7 +69,7 @@ def _row_kernel(x32, r: Recipe):
       or q.axis not in (-1, 1) or q.block or q.scale_fmt != "f32" or q.pow2
       or (r.occ_alpha is not None and r.occ_axis not in (-1, 1))):
     return None
-  interpret = jax.default_backend() != "gpu"
+  interpret = backend.target() != "gpu"
   if not row_quant.can_use_occ_quantize(x32, fmt=q.fmt, rounding=q.rounding,
                                         interpret=interpret):
     return None

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fp4jax import backend
 from fp4jax import numerics
 from fp4jax.qconfig import TensorQuant
 
@@ -349,7 +350,7 @@ def _top_k_unstable():
 def _top_k_for(k: int):
   """The top_k to take k tail elements with on this backend, or None
   (bisection is faster there)."""
-  if jax.default_backend() == "gpu":
+  if backend.target() == "gpu":
     unstable = _top_k_unstable()
     return unstable if unstable is not None and k <= _GPU_TOPK_MAX else None
   return jax.lax.top_k if k <= _TOPK_MAX else None

@@ -12,7 +12,7 @@ way to attach it). Eager sharding is switched off for them: the names are
 logical, not mesh axes, so the state is placed by `state_shardings` instead.
 
 Must not import: ml_collections, tensorflow_datasets, grain, or any fp4jax
-module (the model imports this one, not the other way round).
+module but backend (the model imports this one, not the other way round).
 """
 
 import contextlib
@@ -24,6 +24,8 @@ from typing import Any
 import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from fp4jax import backend
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -121,7 +123,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Iterator[Mesh]:
-  """Makes `mesh` and `rules` current, so `constrain` takes effect.
+  """Makes `mesh` and `rules` current, so `constrain` takes effect, and
+  the mesh's platform the target (`backend.target`: the program is built
+  for the mesh's devices, whatever the process's default backend).
 
   Trace (first call of a jitted function) inside this context.
 
@@ -134,7 +138,7 @@ def use_mesh(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Iterator[Mesh]:
   """
   token = _ACTIVE_RULES.set(tuple(rules))
   try:
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), backend.targeting(backend.of_devices(mesh)):
       yield mesh
   finally:
     _ACTIVE_RULES.reset(token)

@@ -571,6 +571,66 @@ def abstract_state(model_cfg: llama.LlamaConfig,
   return graphdef, abstract
 
 
+def _train_step_parts(model_cfg, quant_rules, optim_cfg, *, num_steps, mesh,
+                      global_batch, seq_len, seed, logical_rules,
+                      skip_nonfinite=False, segment_ids=False,
+                      metrics_fn=None, comm_dtype="float32"):
+  """What make_trainer and lower_train_step share: (abstract model, batch
+  sharding, init fn, graphdef, abstract state, state shardings, abstract
+  batch, train step fn)."""
+  abstract_model = check_fit(model_cfg, quant_rules, mesh=mesh,
+                             global_batch=global_batch, seq_len=seq_len,
+                             logical_rules=logical_rules,
+                             comm_dtype=comm_dtype,
+                             grad_accum=optim_cfg.grad_accum)
+  batch_sh = sharding.batch_sharding(mesh, logical_rules)
+  schedule = optim.make_schedule(optim_cfg, num_steps)
+  tx, init, graphdef, abstract, state_sh = _state_layout(
+      abstract_model, model_cfg, quant_rules, optim_cfg,
+      num_steps=num_steps, mesh=mesh, seed=seed, logical_rules=logical_rules,
+      schedule=schedule)
+  abstract_batch = {k: jax.ShapeDtypeStruct((global_batch, seq_len),
+                                            BATCH_DTYPES[k], sharding=batch_sh)
+                    for k in BATCH_KEYS}
+  step_fn = functools.partial(
+      train_step, graphdef=graphdef, tx=tx, optim_cfg=optim_cfg,
+      schedule=schedule, skip_nonfinite=skip_nonfinite,
+      segment_ids=segment_ids, metrics_fn=metrics_fn, comm_dtype=comm_dtype,
+      comm_axes=_axes(batch_sh.spec[0]),
+      comm_specs=jax.tree.map(lambda sh: sh.spec, state_sh.params))
+  return (abstract_model, batch_sh, init, graphdef, abstract, state_sh,
+          abstract_batch, step_fn)
+
+
+def lower_train_step(model_cfg: llama.LlamaConfig,
+                     quant_rules: Sequence[tuple[str, Any]] | None,
+                     optim_cfg: Any, *, num_steps: int,
+                     mesh: jax.sharding.Mesh, global_batch: int,
+                     seq_len: int, seed: int = 0,
+                     logical_rules: sharding.Rules = sharding.LOGICAL_RULES,
+                     segment_ids: bool = False,
+                     comm_dtype: str = "float32") -> Any:
+  """The train step of `make_trainer`, lowered for `mesh`'s devices and
+  not compiled (nothing is initialised or run): for reading or compiling
+  the program of devices this process may not have (a deviceless GPU
+  topology). Arguments as `make_trainer`.
+
+  Returns:
+    jax.stages.Lowered of train_step(state, batch).
+  """
+  (_, batch_sh, _, _, abstract, state_sh, abstract_batch,
+   step_fn) = _train_step_parts(
+       model_cfg, quant_rules, optim_cfg, num_steps=num_steps, mesh=mesh,
+       global_batch=global_batch, seq_len=seq_len, seed=seed,
+       logical_rules=logical_rules, segment_ids=segment_ids,
+       comm_dtype=comm_dtype)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  with sharding.use_mesh(mesh, logical_rules):
+    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, replicated),
+                   donate_argnums=0).lower(abstract, abstract_batch)
+
+
 def make_trainer(model_cfg: llama.LlamaConfig,
                  quant_rules: Sequence[tuple[str, Any]] | None,
                  optim_cfg: Any, *, num_steps: int, mesh: jax.sharding.Mesh,
@@ -605,27 +665,13 @@ def make_trainer(model_cfg: llama.LlamaConfig,
     ValueError: naming the config key when batch, sequence or parameter
       dims do not fit the mesh or model.
   """
-  abstract_model = check_fit(model_cfg, quant_rules, mesh=mesh,
-                             global_batch=global_batch, seq_len=seq_len,
-                             logical_rules=logical_rules,
-                             comm_dtype=comm_dtype,
-                             grad_accum=optim_cfg.grad_accum)
-  batch_sh = sharding.batch_sharding(mesh, logical_rules)
-  schedule = optim.make_schedule(optim_cfg, num_steps)
-  tx, init, graphdef, abstract, state_sh = _state_layout(
-      abstract_model, model_cfg, quant_rules, optim_cfg,
-      num_steps=num_steps, mesh=mesh, seed=seed, logical_rules=logical_rules,
-      schedule=schedule)
+  (abstract_model, batch_sh, init, graphdef, abstract, state_sh,
+   abstract_batch, step_fn) = _train_step_parts(
+       model_cfg, quant_rules, optim_cfg, num_steps=num_steps, mesh=mesh,
+       global_batch=global_batch, seq_len=seq_len, seed=seed,
+       logical_rules=logical_rules, skip_nonfinite=skip_nonfinite,
+       segment_ids=segment_ids, metrics_fn=metrics_fn, comm_dtype=comm_dtype)
   replicated = NamedSharding(mesh, PartitionSpec())
-  abstract_batch = {k: jax.ShapeDtypeStruct((global_batch, seq_len),
-                                            BATCH_DTYPES[k], sharding=batch_sh)
-                    for k in BATCH_KEYS}
-  step_fn = functools.partial(
-      train_step, graphdef=graphdef, tx=tx, optim_cfg=optim_cfg,
-      schedule=schedule, skip_nonfinite=skip_nonfinite,
-      segment_ids=segment_ids, metrics_fn=metrics_fn, comm_dtype=comm_dtype,
-      comm_axes=_axes(batch_sh.spec[0]),
-      comm_specs=jax.tree.map(lambda sh: sh.spec, state_sh.params))
   eval_fn = functools.partial(eval_step, graphdef=graphdef,
                               segment_ids=segment_ids)
   t0 = time.perf_counter()

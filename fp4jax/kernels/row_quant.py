@@ -42,6 +42,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fp4jax import backend
 from fp4jax import numerics
 from fp4jax import quant
 from fp4jax.qconfig import TensorQuant
@@ -123,7 +124,7 @@ def can_use_occ_quantize(x: jax.Array, *, axis: int = 1, fmt: str = "e2m1",
   if interpret:
     return True
   # Triton's Pallas backend: NVIDIA GPUs (Ampere and newer).
-  return jax.default_backend() == "gpu"
+  return backend.target() == "gpu"
 
 
 def _pow2(n: int) -> int:

@@ -1,0 +1,183 @@
+r"""A GPU step-time model from the compiled XLA:GPU program, on a CPU machine.
+
+  pip install --no-deps --target .gpu-plugin \
+      jax-cuda13-plugin==$(python -c 'import jax; print(jax.__version__)') \
+      jax-cuda13-pjrt==$(python -c 'import jax; print(jax.__version__)')
+  PYTHONPATH=. python bench/gpu_model.py --size=1.3b --recipes=bf16,fp4_paper
+
+Compiles the real train step (train_state.lower_train_step: model,
+quantized GEMMs, loss, AdamW) for one GPU of the target (--gpu: a
+GpuTargetConfigProto text, see docs/gpu_model.md) with the real XLA:GPU
+compiler and no device: fusion, the cuBLASLt FP8 rewrite, Triton GEMMs.
+Nothing runs and nothing is autotuned. Then it reads the compiled program
+(fp4jax.hlo_cost) and prints per recipe: GEMM FLOPs by operand class, the
+bytes every other kernel moves, activation-sized passes per block, kernel
+launches, and a roofline time, each labelled an estimate.
+
+The program is compiled at 1 and 2 layers; a layer's cost is the
+difference, and the full depth is extrapolated (the layers are identical).
+The attention core is costed apart: the program is compiled with XLA
+attention (cuDNN's fused kernel needs the cuDNN library and a driver to
+compile), whose kernels are dropped, and every recipe is charged the same
+analytic flash-attention time (causal FLOPs at --attention_efficiency of
+the BF16 peak). Calibration: --calibrate fits the GEMM and memory
+efficiencies to the one device measurement (bench/RESULTS.md, H200,
+125m, batch 8 x 2048: bf16 63.6 ms, fp4_paper 139.9 ms with that day's
+code) and prints how close each comes.
+
+Owns: this estimate only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TARGETS = {"h200": "h200.txtpb", "b200": "b200.txtpb"}
+# The one device measurement (bench/RESULTS.md, 2026-11-28, H200).
+MEASURED_125M = {"bf16": 63.6e-3, "fp4_paper": 139.9e-3}
+# Fitted by --calibrate to MEASURED_125M["bf16"] (see the docstring).
+GEMM_EFFICIENCY = 0.6
+MEMORY_EFFICIENCY = 0.7
+
+
+def _args(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--size", default="125m")
+  p.add_argument("--recipes", default="bf16,fp4_paper")
+  p.add_argument("--gpu", default="h200", choices=sorted(TARGETS))
+  p.add_argument("--target_config", default="",
+                 help="GpuTargetConfigProto text; default: the --gpu one in "
+                 "--target_dir")
+  p.add_argument("--target_dir", default=os.path.join(
+      ROOT, os.pardir, "shared", "docs", "gpu"))
+  p.add_argument("--plugin_dir", default=os.environ.get(
+      "FP4JAX_GPU_PLUGIN", os.path.join(ROOT, ".gpu-plugin")))
+  p.add_argument("--batch", type=int, default=8, help="rows per GPU")
+  p.add_argument("--seq", type=int, default=2048)
+  p.add_argument("--impl", default="",
+                 help="override every recipe's impl (e.g. xla)")
+  p.add_argument("--moments", default="paper")
+  p.add_argument("--attention_efficiency", type=float, default=0.5)
+  p.add_argument("--calibrate", action="store_true")
+  p.add_argument("--out", default="")
+  return p.parse_args(argv)
+
+
+def _setup(a):
+  """jax with the CUDA plugin on the path; the target's one device."""
+  if not os.path.isdir(a.plugin_dir):
+    sys.exit(f"error: no CUDA plugin in --plugin_dir={a.plugin_dir!r}; "
+             f"install it as the module docstring shows")
+  sys.path.insert(0, a.plugin_dir)
+  os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  # The GPU CLI's PRNG (fp4jax.main.resolve_prng_impl): threefry's init
+  # takes minutes to compile for a GPU.
+  jax.config.update("jax_default_prng_impl", "rbg")
+  path = a.target_config or os.path.join(a.target_dir, TARGETS[a.gpu])
+  with open(path, encoding="utf-8") as f:
+    config = f.read()
+  topo = topologies.get_topology_desc(
+      platform="cuda", topology_name="", target_config=config,
+      topology="1x1x1")
+  return jax, list(topo.devices)
+
+
+def _compile(jax, devices, a, recipe: str, layers: int) -> str:
+  from fp4jax import llama, optim, qconfig, sharding, sizes, train_state  # pylint: disable=g-import-not-at-top
+  cfg = dataclasses.replace(sizes.get_config(a.size), n_layers=layers,
+                            vocab_size=32000, attention="xla",
+                            max_seq_len=max(a.seq, 2048))
+  del llama
+  rules = qconfig.default_rules(recipe)
+  if a.impl:
+    rules = [(p, dataclasses.replace(r, impl=a.impl) if r else r)
+             for p, r in rules]
+  mesh = sharding.make_mesh(devices=devices)
+  lowered = train_state.lower_train_step(
+      cfg, rules, optim.OptimConfig(moments=a.moments), num_steps=1000,
+      mesh=mesh, global_batch=a.batch, seq_len=a.seq)
+  return lowered.compile().as_text()
+
+
+def _flash_seconds(cfg, a, gpu) -> float:
+  """Causal flash attention, forward + backward (2.5x), one layer."""
+  fwd = 4 * a.batch * a.seq * a.seq * cfg.n_heads * cfg.head_dim / 2
+  return 3.5 * fwd / (gpu.flops["bf16"] * a.attention_efficiency)
+
+
+def model_recipe(jax, devices, a, recipe: str, gpu, model) -> dict:
+  """The estimate of one recipe at a.size's depth."""
+  from fp4jax import hlo_cost, sizes  # pylint: disable=g-import-not-at-top
+  cfg = sizes.get_config(a.size)
+  sums = []
+  t0 = time.perf_counter()
+  for layers in (1, 2):
+    ks = [k for k in hlo_cost.kernels(_compile(jax, devices, a, recipe,
+                                               layers))
+          if k.kind != "attention"]
+    sums.append(hlo_cost.summarize(ks, gpu, model))
+  keys = set(sums[0]) | set(sums[1])
+  per_layer = {k: sums[1].get(k, 0) - sums[0].get(k, 0) for k in keys}
+  total = {k: sums[0].get(k, 0) + (cfg.n_layers - 1) * per_layer[k]
+           for k in keys}
+  flash = _flash_seconds(cfg, a, gpu)
+  total["attention_seconds"] = cfg.n_layers * flash
+  total["seconds"] += total["attention_seconds"]
+  act = a.batch * a.seq * cfg.d_model * 2      # one bf16 activation
+  return {"recipe": recipe, "per_layer": per_layer, "total": total,
+          "passes_per_block": per_layer.get("other_bytes", 0) / act,
+          "compile_seconds": time.perf_counter() - t0}
+
+
+def _report(r: dict, base: dict | None, gpu) -> None:
+  t, p = r["total"], r["per_layer"]
+  flops = ", ".join(f"{k[11:]} {v / 1e12:.1f}T" for k, v in sorted(t.items())
+                    if k.startswith("gemm_flops_"))
+  print(f"{r['recipe']} ({gpu.name}, estimate): step "
+        f"{t['seconds'] * 1e3:.1f} ms = GEMMs {t.get('gemm_seconds', 0) * 1e3:.1f}"
+        f" + other kernels {t.get('other_seconds', 0) * 1e3:.1f} + attention "
+        f"{t['attention_seconds'] * 1e3:.1f} ms; GEMM FLOPs {flops}; other "
+        f"kernels move {t.get('other_bytes', 0) / 1e9:.1f} GB; per block "
+        f"{r['passes_per_block']:.1f} activation-sized passes, "
+        f"{p['launches']:.0f} launches")
+  if base is not None:
+    print(f"  {r['recipe']}: {t['seconds'] / base['total']['seconds']:.2f}x "
+          f"bf16 step time ({gpu.name}, estimate)")
+
+
+def main(argv=None) -> dict:
+  a = _args(argv)
+  jax, devices = _setup(a)
+  from fp4jax import hlo_cost  # pylint: disable=g-import-not-at-top
+  gpu = hlo_cost.GPUS[a.gpu]
+  model = hlo_cost.Model(GEMM_EFFICIENCY, MEMORY_EFFICIENCY)
+  recipes = a.recipes.split(",")
+  if "bf16" in recipes:
+    recipes = ["bf16"] + [r for r in recipes if r != "bf16"]
+  results = {}
+  for recipe in recipes:
+    results[recipe] = model_recipe(jax, devices, a, recipe, gpu, model)
+    _report(results[recipe], results.get("bf16"), gpu)
+  if a.out:
+    with open(a.out, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=1)
+  last = [r for r in recipes if r != "bf16"]
+  if "bf16" in results and last:
+    ratio = (results[last[-1]]["total"]["seconds"] /
+             results["bf16"]["total"]["seconds"])
+    print(f"{last[-1]}: {ratio:.2f}x bf16 step time ({gpu.name}, estimate)")
+  return results
+
+
+if __name__ == "__main__":
+  main()
