@@ -12,6 +12,10 @@ os.environ.setdefault("TFDS_DATA_DIR", os.path.join(
     os.path.dirname(__file__), ".tfds_never_used"))
 
 
+# Set by the pytest process that made the run's cache, for its workers.
+_SHARED_CACHE = "FP4JAX_TEST_SHARED_JAX_CACHE"
+
+
 def pytest_configure(config):
   """A fresh persistent compilation cache for this test process.
 
@@ -21,18 +25,23 @@ def pytest_configure(config):
   JAX keys an entry by the program (its StableHLO without locations), the
   compile options, the devices and the jax / jaxlib versions, so a hit is
   the executable XLA built for the identical program. One directory per
-  pytest process (each pytest-xdist worker its own), created empty and
-  removed at the end: nothing carries between runs. A size limit makes JAX
-  lock the directory (filelock) around every read and write: a worker and
-  the CLI processes it starts (two at once in the multi-process tests) may
-  compile the same program together, and an unlocked reader could see a
-  half-written entry.
+  run of pytest, shared by its pytest-xdist workers (the controller makes
+  it before it starts them, and they inherit its environment), created
+  empty and removed at the end: nothing carries between runs. A size
+  limit makes JAX lock the directory (filelock) around every read and
+  write: the workers and the CLI processes they start (two at once in the
+  multi-process tests) may compile the same program together, and an
+  unlocked reader could see a half-written entry.
   """
   import shutil  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   import tempfile  # pylint: disable=g-import-not-at-top
-  path = tempfile.mkdtemp(prefix="fp4jax-test-jax-cache-")
-  config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
+  path = os.environ.get(_SHARED_CACHE) if hasattr(config, "workerinput") \
+      else None
+  if not path:   # the controller, or a run without workers
+    path = tempfile.mkdtemp(prefix="fp4jax-test-jax-cache-")
+    os.environ[_SHARED_CACHE] = path
+    config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
   limit = 8 << 30   # bytes; a run of the suite writes far less
   os.environ["JAX_COMPILATION_CACHE_DIR"] = path
   os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(limit)
