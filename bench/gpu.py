@@ -236,8 +236,10 @@ def gemm_speed(sizes_=(4096, 8192), iters=10):
       # the form every projection GEMM of impl "xla" takes.
       v = jnp.clip(jnp.round(a), -6, 6)
       sa = jnp.ones((s_, 1)) if lname != "wgrad" else jnp.ones((1, s_))
-      fb = "e5m2" if lname != "fwd" else "e4m3"
+      # The gradient is E5M2, the other operand E4M3 (dgrad: G @ W^T,
+      # wgrad: X^T @ G): Hopper has no E5M2 x E5M2 FP8 GEMM.
       fa = "e5m2" if lname == "dgrad" else "e4m3"
+      fb = "e5m2" if lname == "wgrad" else "e4m3"
       for acc in ("fp32", "fast"):
         f8 = jax.jit(lambda x, y, sx, acc=acc, d=d, fa=fa, fb=fb: gemm.qdot(
             gemm.Operand(x, sx, fa), gemm.Operand(y, None, fb), d,
