@@ -101,7 +101,10 @@ def _compile(jax, devices, a, recipe: str, layers: int) -> str:
                             vocab_size=32000, attention="xla",
                             max_seq_len=max(a.seq, 2048))
   del llama
-  rules = qconfig.default_rules(recipe)
+  # The BF16 tail (nvfp4_nvidia) is added per layer by model_recipe.
+  r = qconfig.get_recipe(recipe)
+  rules = qconfig.default_rules(dataclasses.replace(r, bf16_tail=0.0)
+                                if r.bf16_tail else r)
   if a.set:
     fields = dict(kv.split("=", 1) for kv in a.set.split(","))
     fields = {k: None if v == "None" else int(v) if v.lstrip("-").isdigit()
@@ -121,10 +124,17 @@ def _flash_seconds(cfg, a, gpu) -> float:
   return 3.5 * fwd / (gpu.flops["bf16"] * a.attention_efficiency)
 
 
-def model_recipe(jax, devices, a, recipe: str, gpu, model) -> dict:
-  """The estimate of one recipe at a.size's depth."""
-  from fp4jax import hlo_cost, sizes  # pylint: disable=g-import-not-at-top
+def model_recipe(jax, devices, a, recipe: str, gpu, model,
+                 bf16_layer: dict | None = None) -> dict:
+  """The estimate of one recipe at a.size's depth (a BF16 tail's layers
+  cost `bf16_layer`, bf16's per-layer figures)."""
+  from fp4jax import hlo_cost, qconfig, sizes  # pylint: disable=g-import-not-at-top
   cfg = sizes.get_config(a.size)
+  r = qconfig.get_recipe(recipe)
+  tail = len(qconfig.bf16_tail_blocks(cfg.n_layers, r.bf16_tail)) if (
+      r.bf16_tail) else 0
+  if tail and bf16_layer is None:
+    raise ValueError(f"{recipe}'s BF16 tail needs bf16 in --recipes")
   sums = []
   t0 = time.perf_counter()
   for layers in (1, 2):
@@ -134,8 +144,9 @@ def model_recipe(jax, devices, a, recipe: str, gpu, model) -> dict:
     sums.append(hlo_cost.summarize(ks, gpu, model))
   keys = set(sums[0]) | set(sums[1])
   per_layer = {k: sums[1].get(k, 0) - sums[0].get(k, 0) for k in keys}
-  total = {k: sums[0].get(k, 0) + (cfg.n_layers - 1) * per_layer[k]
-           for k in keys}
+  keys |= set(bf16_layer or ())
+  total = {k: sums[0].get(k, 0) + (cfg.n_layers - 1 - tail) * per_layer.get(
+      k, 0) + tail * (bf16_layer or {}).get(k, 0) for k in keys}
   flash = _flash_seconds(cfg, a, gpu)
   total["attention_seconds"] = cfg.n_layers * flash
   total["seconds"] += total["attention_seconds"]
@@ -172,7 +183,9 @@ def main(argv=None) -> dict:
     recipes = ["bf16"] + [r for r in recipes if r != "bf16"]
   results = {}
   for recipe in recipes:
-    results[recipe] = model_recipe(jax, devices, a, recipe, gpu, model)
+    results[recipe] = model_recipe(
+        jax, devices, a, recipe, gpu, model,
+        results["bf16"]["per_layer"] if "bf16" in results else None)
     _report(results[recipe], results.get("bf16"), gpu)
   if a.out:
     with open(a.out, "w", encoding="utf-8") as f:
