@@ -9,9 +9,13 @@ import pytest
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).parents[1] / "notebooks").glob(
     "*.ipynb"))
+# ~90 s (it trains and inspects a run): under -m slow, for CI's time budget.
+SLOW = ("inspect_run.ipynb",)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW else p
+    for p in NOTEBOOKS], ids=lambda p: p.name)
 def test_notebook_executes(path):
   nbclient = pytest.importorskip("nbclient")
   nbformat = pytest.importorskip("nbformat")
