@@ -223,15 +223,18 @@ def make_input(data_cfg: Any, *, split: str, seed: int,
   max_bad = data_cfg.get("max_bad_records", 0)
   if max_bad < 0:
     raise ValueError(f"data.max_bad_records must be >= 0, got {max_bad}")
-  srcs = sources(data_cfg, split)
-  train_srcs = srcs if split == "train" else sources(data_cfg, "train")
-  name = data_name(train_srcs, data_cfg)
+  # Each split's patterns are expanded once (a remote glob is a listing).
+  # (A held-out val split reads the training sources themselves; without
+  # one, sources() refuses the val split before expanding anything.)
+  val_srcs = (sources(data_cfg, "val") if data_cfg.val_files or (
+      split == "val" and not data_cfg.val_fraction) else [])
+  train_srcs = sources(data_cfg, "train")
+  srcs = val_srcs if split == "val" and val_srcs else train_srcs
+  train_name = data_name(train_srcs, data_cfg)
+  name = data_name(srcs, data_cfg) if srcs is val_srcs else train_name
   holdout = 0.0 if data_cfg.val_files else float(data_cfg.val_fraction)
-  if split == "val" and data_cfg.val_files:
-    name = data_name(srcs, data_cfg)
-  val_srcs = sources(data_cfg, "val") if data_cfg.val_files else []
-  tok = run_tokenizer(data_cfg, [*train_srcs, *val_srcs],
-                      data_name(train_srcs, data_cfg), workdir)
+  tok = run_tokenizer(data_cfg, [*train_srcs, *val_srcs], train_name,
+                      workdir)
   if all(s.tokens for s in srcs):
     workers = 0     # nothing to tokenize: no worker processes
   it = streaming.StreamInput(
