@@ -1,13 +1,28 @@
 """The batch layout every packed text source shares.
 
-Owns: turning rows of packed tokens (seq_len + 1 each) and their document
-numbers into the model's batch: the shift into inputs / targets, the loss
-mask and segment_ids.
+Owns: the splits and row / batch sizes a packing source accepts
+(`check_layout`), and turning rows of packed tokens (seq_len + 1 each) and
+their document numbers into the model's batch: the shift into inputs /
+targets, the loss mask and segment_ids.
 
 Must not import: anything but numpy.
 """
 
 import numpy as np
+
+SPLITS = ("train", "val")
+
+
+def check_layout(split: str, seq_len: int, batch: int) -> None:
+  """Raises ValueError (one line, naming the data.* key) for an unknown
+  split, seq_len < 1 or fewer than one row per process."""
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  if seq_len < 1:
+    raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
+  if batch < 1:
+    raise ValueError(f"data.global_batch must give >= 1 row per process, "
+                     f"got {batch}")
 
 
 def finish_batch(tokens: np.ndarray, seg: np.ndarray, segment_ids: bool

@@ -55,7 +55,7 @@ from fp4jax.data import resume
 from fp4jax.data import stdlib_corpus
 from fp4jax.data import tokenizer as tokenizer_lib
 
-SPLITS = ("train", "val")
+SPLITS = packing.SPLITS
 # Kept in the workdir (listed in fp4jax.data.WORKDIR_FILES with the
 # tokenizer's provenance record).
 TOKENIZER_FILE = "tokenizer.model"
@@ -109,13 +109,7 @@ class PackedInput:
       ValueError: one line naming the data.* key: bad sizes, a shard with no
         documents, or a split with fewer than seq_len + 1 tokens.
     """
-    if split not in SPLITS:
-      raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if seq_len < 1:
-      raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
-    if batch < 1:
-      raise ValueError(f"data.global_batch must give >= 1 row per process, "
-                       f"got {batch}")
+    packing.check_layout(split, seq_len, batch)
     total = len(records)
     ds = grain.MapDataset.range(total)[process_index::process_count]
     self.num_documents = len(ds)

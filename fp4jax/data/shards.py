@@ -416,8 +416,7 @@ class _ShardFile:
     import pyarrow  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     fs, path = fsspec.core.url_to_fs(self.path)
-    if fs.size(path) == 0:
-      self.total = 0
+    if self._empty(fs, path):
       return
     with fs.open(path, "rb") as f:
       try:
@@ -440,6 +439,13 @@ class _ShardFile:
           yield from self._rows(column.column(0), row, start, end, step)
         row = end
       self.total = row
+
+  def _empty(self, fs: Any, path: str) -> bool:
+    """Whether the file has zero bytes (an empty shard: 0 records)."""
+    if fs.size(path):
+      return False
+    self.total = 0
+    return True
 
   def _check_text_column(self, schema: Any) -> None:
     import pyarrow  # pylint: disable=g-import-not-at-top
@@ -471,8 +477,7 @@ class _ShardFile:
     import pyarrow  # pylint: disable=g-import-not-at-top
     import pyarrow.ipc  # pylint: disable=g-import-not-at-top
     fs, path = fsspec.core.url_to_fs(self.path)
-    if fs.size(path) == 0:
-      self.total = 0
+    if self._empty(fs, path):
       return
     with fs.open(path, "rb") as f:
       try:
@@ -514,8 +519,7 @@ class _ShardFile:
     if not _is_local(fs):
       raise ValueError(f"{self.path}: .array_record shards must be local "
                        f"files (ArrayRecordReader opens the path itself)")
-    if os.path.getsize(path) == 0:
-      self.total = 0
+    if self._empty(fs, path):
       return
     try:
       reader = array_record_module.ArrayRecordReader(path)

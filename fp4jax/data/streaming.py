@@ -68,7 +68,7 @@ from fp4jax.data import tokenize_pool
 from fp4jax.data import tokenizer as tokenizer_lib
 
 STATE_VERSION = 1
-SPLITS = ("train", "val")
+SPLITS = packing.SPLITS
 # A batch handed to the tokenizer: ~16k tokens of English, tens of ms of
 # one worker, far above the cost of passing it between processes.
 CHUNK_CHARS = 65536
@@ -283,13 +283,7 @@ class StreamInput:
     Raises:
       ValueError: one line naming the data.* key: sizes, weights.
     """
-    if split not in SPLITS:
-      raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if seq_len < 1:
-      raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
-    if batch < 1:
-      raise ValueError(f"data.global_batch must give >= 1 row per process, "
-                       f"got {batch}")
+    packing.check_layout(split, seq_len, batch)
     if not sources:
       raise ValueError("data.source='files' has no sources")
     weights = np.array([s.weight for s in sources], np.float64)
