@@ -33,6 +33,7 @@ Owns: this estimate only.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import os
@@ -95,6 +96,14 @@ def _setup(a):
   return jax, list(topo.devices)
 
 
+def _literal(v: str):
+  """A --set value: a Python literal (None, True, 3, 0.97) or a bare word."""
+  try:
+    return ast.literal_eval(v)
+  except (ValueError, SyntaxError):
+    return v
+
+
 def _compile(jax, devices, a, recipe: str, layers: int) -> str:
   from fp4jax import llama, optim, qconfig, sharding, sizes, train_state  # pylint: disable=g-import-not-at-top
   cfg = dataclasses.replace(sizes.get_config(a.size), n_layers=layers,
@@ -107,8 +116,7 @@ def _compile(jax, devices, a, recipe: str, layers: int) -> str:
                                 if r.bf16_tail else r)
   if a.set:
     fields = dict(kv.split("=", 1) for kv in a.set.split(","))
-    fields = {k: None if v == "None" else int(v) if v.lstrip("-").isdigit()
-              else v for k, v in fields.items()}
+    fields = {k: _literal(v) for k, v in fields.items()}
     rules = [(p, dataclasses.replace(r, **fields) if r else r)
              for p, r in rules]
   mesh = sharding.make_mesh(devices=devices)
@@ -152,8 +160,29 @@ def model_recipe(jax, devices, a, recipe: str, gpu, model,
   total["seconds"] += total["attention_seconds"]
   act = a.batch * a.seq * cfg.d_model * 2      # one bf16 activation
   return {"recipe": recipe, "per_layer": per_layer, "total": total,
+          "layers": cfg.n_layers,
           "passes_per_block": per_layer.get("other_bytes", 0) / act,
           "compile_seconds": time.perf_counter() - t0}
+
+
+def floors(r: dict, base: dict) -> dict[str, float]:
+  """What bounds a recipe's step, from the same estimates (seconds):
+
+  quantization_free: its GEMMs as compiled, with bf16's other kernels (what
+    the step would cost if quantizing, OCC and the scale passes were free;
+    the rest of its gap to bf16 is its GEMM mix);
+  fp8_floor: bf16's step with every projection GEMM at the FP8 rate and
+    nothing else changed, the floor of any FP4 recipe simulated on FP8
+    tensor cores (projection GEMMs are the layers' GEMMs; the LM head and
+    attention stay BF16).
+  """
+  t, b = r["total"], base["total"]
+  proj_bf16 = base["layers"] * base["per_layer"].get("gemm_seconds", 0)
+  return {
+      "quantization_free": t["seconds"] - t.get("other_seconds", 0)
+                           + b.get("other_seconds", 0),
+      "fp8_floor": b["seconds"] - proj_bf16 / 2,
+  }
 
 
 def _report(r: dict, base: dict | None, gpu) -> None:
@@ -168,8 +197,12 @@ def _report(r: dict, base: dict | None, gpu) -> None:
         f"{r['passes_per_block']:.1f} activation-sized passes, "
         f"{p['launches']:.0f} launches")
   if base is not None:
-    print(f"  {r['recipe']}: {t['seconds'] / base['total']['seconds']:.2f}x "
-          f"bf16 step time ({gpu.name}, estimate)")
+    b = base["total"]["seconds"]
+    f = floors(r, base)
+    print(f"  {r['recipe']}: {t['seconds'] / b:.2f}x bf16 step time "
+          f"({gpu.name}, estimate); with quantization free "
+          f"{f['quantization_free'] / b:.2f}x; any recipe with every "
+          f"projection GEMM FP8: >= {f['fp8_floor'] / b:.2f}x")
 
 
 def main(argv=None) -> dict:

@@ -17,11 +17,12 @@ thrown away). Each product is a `lax.scan` over the c slots, so no [M, c,
 N] gather is materialised; every add is f32.
 
 Which is faster is a property of the device: on a CPU the gathers are far
-cheaper than three extra f32 GEMMs; on a GPU a dense GEMM runs on tensor
-cores while these run memory-bound on the SMs, so `bench/gpu.py` times
-both and `Recipe.sparse_impl` stays "gemm" by default. A Pallas kernel
-(row-block x column-block tiles gathering W rows) is the next step only if
-that measurement shows the gather path close to the GEMM.
+cheaper than three extra f32 GEMMs (the default there: `Recipe.sparse_impl`
+"auto", `gemm.resolve_sparse`); on a GPU a dense GEMM runs on tensor cores
+while these run memory-bound on the SMs, so "auto" is "gemm" there and
+`bench/gpu.py` times both. A Pallas kernel (row-block x column-block tiles
+gathering W rows) is the next step only if that measurement shows the
+gather path close to the GEMM.
 
 Must not import: fp4jax modules (jax only).
 """

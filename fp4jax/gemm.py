@@ -35,7 +35,8 @@ from fp4jax import backend
 from fp4jax import numerics
 from fp4jax.qconfig import TensorQuant
 
-__all__ = ["GemmImpl", "IMPLS", "Operand", "resolve", "qdot"]
+__all__ = ["GemmImpl", "IMPLS", "Operand", "resolve", "resolve_sparse",
+           "qdot", "factors_out", "fp8_dtype"]
 
 
 class GemmImpl(NamedTuple):
@@ -87,6 +88,18 @@ def resolve(name: str) -> str:
   return "reference" if backend.target() == "cpu" else "fast"
 
 
+def resolve_sparse(recipe) -> str:
+  """A Recipe's sparse_impl with "auto" resolved for the target: "ell"
+  (gathers over each token's fixed count of outliers) on a CPU, where three
+  more f32 GEMMs cost more (bench/RESULTS.md: -16% of the demo step), if
+  OCC is per-token (ELL needs a bounded count per row); else "gemm" (dense
+  GEMMs on the mostly zero residual: on a GPU they run on tensor cores)."""
+  if recipe.sparse_impl != "auto":
+    return recipe.sparse_impl
+  cpu = backend.target() == "cpu"
+  return "ell" if cpu and recipe.occ_axis is not None else "gemm"
+
+
 class Operand(NamedTuple):
   """A GEMM operand: `values / scale`, on the grid of `fmt` if fmt is set.
 
@@ -109,7 +122,7 @@ class Operand(NamedTuple):
     return v if self.scale is None else v / self.scale
 
 
-def _fp8_dtype(fmt: str):
+def fp8_dtype(fmt: str):
   """The FP8 dtype that holds every value of fmt's grid exactly."""
   if fmt == "e5m2":
     return jnp.float8_e5m2
@@ -125,14 +138,15 @@ def _grid_dtypes(fa: str, fb: str, grid: str):
     return jnp.float32, jnp.float32
   if grid == "bf16":
     return jnp.bfloat16, jnp.bfloat16
-  da, db = _fp8_dtype(fa), _fp8_dtype(fb)
+  da, db = fp8_dtype(fa), fp8_dtype(fb)
   if da == db == jnp.float8_e5m2:
     # cuBLASLt rejects E5M2 x E5M2 (XLA falls back to f16); bf16 is exact.
     return jnp.bfloat16, jnp.bfloat16
   return da, db
 
 
-def _factors_out(op: Operand, contract: int) -> bool:
+def factors_out(op: Operand, contract: int) -> bool:
+  """True if op is on a grid whose scale is constant along `contract`."""
   return (op.fmt is not None
           and (op.scale is None or op.scale.shape[contract] == 1))
 
@@ -171,7 +185,8 @@ def dot(a, b, dims, dtype):
 
 
 def qdot(a: Operand, b: Operand, dims, impl: GemmImpl, *,
-         backward: bool = False, accumulation: str = "fp32") -> jax.Array:
+         backward: bool = False, accumulation: str = "fp32",
+         out_dtype=None) -> jax.Array:
   """a @ b for 2-D operands with one contracting dim each, f32 result.
 
   Args:
@@ -181,25 +196,57 @@ def qdot(a: Operand, b: Operand, dims, impl: GemmImpl, *,
     backward: this is a dgrad or wgrad GEMM (grid only if
       impl.grid_backward).
     accumulation: "fp32" | "fast" (FP8 dots on GPU only).
+    out_dtype: the dtype the caller rounds the product to next, if it does
+      nothing else with it first; a 16-bit one lets an FP8 GEMM with
+      per-tensor scales write it directly (see `_scaled_fp8_out`).
 
   Returns:
-    [rows of a's free dim, cols of b's free dim] float32.
+    [rows of a's free dim, cols of b's free dim] float32, or out_dtype
+    where the FP8 GEMM wrote it.
   """
   (lc,), (rc,) = dims[0]
-  grid = (_factors_out(a, lc) and _factors_out(b, rc)
+  grid = (factors_out(a, lc) and factors_out(b, rc)
           and (impl.grid_backward or not backward))
   if not grid:
     if impl.grid != "f32" and can_use_scaled_matmul(a, b, dims):
       return scaled_matmul(a, b, dims)
     return dot(a.dequantize(), b.dequantize(), dims, impl.deq_dtype)
   da, db = _grid_dtypes(a.fmt, b.fmt, impl.grid)
+  scales = [s for s in (_free_scale(a, True), _free_scale(b, False))
+            if s is not None]
+  precision = _precision((da, db), accumulation)
+  if _scaled_fp8_out(precision, scales, out_dtype):
+    y = jax.lax.dot_general(a.values.astype(da), b.values.astype(db), dims,
+                            precision=precision,
+                            preferred_element_type=out_dtype)
+    inv = jnp.float32(1)
+    for s in scales:
+      inv = inv / s
+    return (y.astype(jnp.float32) * inv).astype(out_dtype)
   y = jax.lax.dot_general(a.values.astype(da), b.values.astype(db), dims,
-                          precision=_precision((da, db), accumulation),
+                          precision=precision,
                           preferred_element_type=jnp.float32)
-  for s in (_free_scale(a, True), _free_scale(b, False)):
-    if s is not None:
-      y = y / s
+  for s in scales:
+    y = y / s
   return y
+
+
+def _scaled_fp8_out(precision, scales, out_dtype) -> bool:
+  """Whether an FP8 GEMM on the GPU target writes `out_dtype` itself.
+
+  The f32 form writes an f32 [M, N] from cuBLASLt and converts it in a
+  second kernel (XLA never makes that convert the GEMM's output type:
+  checked on the deviceless-compiled program), 6 more bytes per output
+  element than a GEMM that writes bf16. With per-tensor (scalar) scales
+  the GEMM writes bf16(acc) and the f32 scale multiply is an elementwise
+  op XLA fuses into the consumer: two roundings (<= 2^-8 relative, the
+  scale itself exact) instead of one. Only with accumulation "fast", the
+  run-for-speed setting; per-row / per-column scales keep the f32 product.
+  """
+  fast = jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32_FAST_ACCUM
+  return (out_dtype is not None and precision == fast
+          and jnp.dtype(out_dtype).itemsize == 2
+          and all(s.ndim == 0 for s in scales))
 
 
 # ------------------------------------------------ block-scaled (Blackwell)

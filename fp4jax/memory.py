@@ -124,7 +124,8 @@ def _dot_bytes(r: qconfig.Recipe | None, cfg: llama.LlamaConfig) -> float:
       continue    # down's output meets only the residual add: not needed
     b += 4 * n
     if (r is not None and r.effective_compensation == "sparse"
-        and r.sparse_impl == "gemm"):
+        and r.sparse_impl != "ell"):
+      # (a plan is for an accelerator, where "auto" is the dense GEMM)
       b += 4 * n          # R W through a dense GEMM
   if r is not None and r.rht_fwd:
     # The rotation of X is a dot too, one per distinct input (see

@@ -19,7 +19,7 @@ from fp4jax import numerics
 SCALE_FMTS = ("f32", "e8m0", "e4m3")
 SCALE_RULES = ("absmax", "quest")
 COMPENSATIONS = ("none", "dense", "sparse")
-SPARSE_IMPLS = ("gemm", "ell")
+SPARSE_IMPLS = ("auto", "gemm", "ell")
 IMPLS = ("auto", "reference", "fast", "fp8", "xla", "pallas")
 ACCUMULATIONS = ("fp32", "fast")
 
@@ -149,8 +149,11 @@ class Recipe:
     sparse_impl: how "sparse" compensation's three products (R W, R^T G
       and G W^T at R's nonzeros) run: "gemm" (dense GEMMs on the mostly
       zero residual) or "ell" (fp4jax.compensation: a fixed count of
-      nonzeros per row, gathers instead of GEMMs; needs per-token OCC).
-      The same numbers either way, up to f32 summation order.
+      nonzeros per row, gathers instead of GEMMs; needs per-token OCC) or
+      "auto" (gemm.resolve_sparse: "ell" on a CPU target with per-token
+      OCC, where the gathers are the cheaper; "gemm" elsewhere, where the
+      dense GEMMs run on tensor cores). The same numbers either way, up to
+      f32 summation order.
     hw_faithful: re-quantize x and w along the backward GEMMs' own
       contraction axes (as hardware must) instead of reusing the forward's
       quantized operands (exact only in simulation).
@@ -167,7 +170,9 @@ class Recipe:
       fused OCC + quantize row kernel), "auto" (reference on CPU, fast
       elsewhere).
     accumulation: FP8 GEMMs on GPU: "fp32" (exact simulation) or "fast"
-      (cuBLASLt fast accumulation, XLA's default for FP8).
+      (run for speed: cuBLASLt fast accumulation, XLA's default for FP8,
+      and GEMMs with per-tensor scales write the 16-bit result directly,
+      rounded before their scale is applied; gemm._scaled_fp8_out).
     w_dgrad: with hw_faithful, how W is re-quantized for the dgrad GEMM
       (contracting N); None = `w` with its axis moved to N.
     x_wgrad: with hw_faithful, how X is re-quantized for the wgrad GEMM
@@ -193,7 +198,7 @@ class Recipe:
   occ_alpha: float | None = None
   occ_axis: int | None = -1
   compensation: str | None = None
-  sparse_impl: str = "gemm"
+  sparse_impl: str = "auto"
   hw_faithful: bool = False
   requant_quantized: bool = False
   impl: str = "auto"

@@ -85,7 +85,7 @@ def _row_kernel(x32, r: Recipe):
 def _ell(r: Recipe, resid):
   """The residual in ELL form (sparse_impl "ell"), else None. Exact: with
   per-token OCC no row holds more than `compensation.capacity` nonzeros."""
-  if r.sparse_impl != "ell":
+  if gemm.resolve_sparse(r) != "ell":
     return None
   # Capacity 0 (too few columns for any outlier) gives zero slots, which
   # every product handles as R == 0.
@@ -93,9 +93,10 @@ def _ell(r: Recipe, resid):
       resid, compensation.capacity(resid.shape[1], r.occ_alpha))
 
 
-def _fwd_core(x, w, r: Recipe, key, pack: bool = False):
-  """Forward GEMM. Returns y [M, N] f32 and what the backward needs (with
-  `pack`, its activation part compact and named; see `_pack_residuals`)."""
+def _fwd_core(x, w, r: Recipe, key, pack: bool = False, out_dtype=None):
+  """Forward GEMM. Returns y [M, N] (f32, or out_dtype where the GEMM
+  wrote it) and what the backward needs (with `pack`, its activation part
+  compact and named; see `_pack_residuals`)."""
   impl = _impl(r)
   kx, kw, kb = _keys(key, 3)
   x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
@@ -127,7 +128,8 @@ def _fwd_core(x, w, r: Recipe, key, pack: bool = False):
       # Exact FP4 GEMM simulation where the scales factor out of the K-sum,
       # Y = diag(1/sx) (Q(X sx) @ Q(W sw)) diag(1/sw); dequantized else.
       y = gemm.qdot(_op(qx, r.x), _op(qw, r.w), _NN, impl,
-                    accumulation=r.accumulation)
+                    accumulation=r.accumulation,
+                    out_dtype=out_dtype if comp == "none" else None)
     else:
       y = _dot(x_deq, w_deq, _NN, impl.deq_dtype)
     x_eff = x_deq
@@ -147,8 +149,14 @@ def _fwd_core(x, w, r: Recipe, key, pack: bool = False):
   # hw_faithful re-quantizes, in the backward, the clamped X and W, or with
   # requant_quantized the forward's quantized X and W (rotated, if so).
   x_src = x_deq if r.requant_quantized else xc
-  res = (x_eff.astype(x.dtype) if reuse else None,
-         w_deq.astype(w.dtype) if reuse or r.requant_quantized else None, w,
+  x_keep = x_eff.astype(x.dtype)
+  w_keep = w_deq.astype(w.dtype)
+  if reuse and comp != "dense":
+    # The forward's grid operands, where the backward GEMM can run on them.
+    x_keep = _grid_residual(qx, r.x, impl, 0) or x_keep
+    w_keep = _grid_residual(qw, r.w, impl, 1) or w_keep
+  res = (x_keep if reuse else None,
+         w_keep if reuse or r.requant_quantized else None, w,
          _dge_scale(r, qw, w32),
          None if reuse else x_src.astype(x.dtype),
          resid if keep_resid else None,
@@ -158,6 +166,36 @@ def _fwd_core(x, w, r: Recipe, key, pack: bool = False):
   if pack:
     res = _pack_residuals(r, res, qx, resid if comp == "dense" else None)
   return y, res
+
+
+# ------------------------------------------------ grid operands reused
+class GridResidual(NamedTuple):
+  """A forward operand the backward multiplies on its grid: `values /
+  scale`, with values in the FP8 dtype that holds the grid exactly (1 byte
+  an element, half a bf16 copy) and the scale constant along the backward
+  GEMM's contraction, so it factors out of it (`gemm.qdot`)."""
+  values: jax.Array
+  scale: jax.Array
+
+
+def _grid_residual(q, spec: TensorQuant | None, impl: gemm.GemmImpl,
+                   contract: int) -> GridResidual | None:
+  """The quantized operand `q` as a GridResidual where its backward GEMM
+  (contracting `contract`: 0 = the wgrad's tokens for X, 1 = the dgrad's
+  output channels for W) can run on FP8 tensor cores: per-tensor scales
+  (the fp8 recipe) or scales along the other axis. Else None: the
+  backward takes the operand dequantized (the paper's simulation)."""
+  if (q is None or impl.grid != "fp8" or not impl.grid_backward
+      or spec.block or not gemm.factors_out(_op(q, spec), contract)):
+    return None
+  return GridResidual(q.values.astype(gemm.fp8_dtype(spec.fmt)), q.scale)
+
+
+def _operand(saved, spec: TensorQuant | None) -> gemm.Operand:
+  """A saved forward operand as a backward GEMM operand."""
+  if isinstance(saved, GridResidual):
+    return gemm.Operand(saved.values, saved.scale, spec.fmt, spec)
+  return _raw(saved)
 
 
 # ------------------------------------------------------ packed residuals
@@ -275,7 +313,7 @@ def _unpack_residuals(r: Recipe, res, k: int, dtype, g):
     return x.astype(dtype)
 
   if resid is not None and not (r.effective_compensation == "sparse"
-                                and r.sparse_impl == "ell"):
+                                and gemm.resolve_sparse(r) == "ell"):
     resid = _dense_resid(resid, k, g)
   return (unpack(x_eff), w_deq, w, sw, unpack(x_src), resid, key, mask_x,
           mask_w)
@@ -329,7 +367,7 @@ def _quant_grad(g32, q: TensorQuant | None, key) -> gemm.Operand:
   return _raw(g32) if q is None else _op(quant.quantize(g32, q, key), q)
 
 
-def _bwd_core(r: Recipe, res, g):
+def _bwd_core(r: Recipe, res, g, dx_dtype=None):
   """dgrad and wgrad: the derivative of the forward with STE through every
   rounding and DGE on the quantized weight.
 
@@ -367,7 +405,7 @@ def _bwd_core(r: Recipe, res, g):
   else:
     # The forward's quantized operands: their scales lie along these GEMMs'
     # contractions, so the GEMMs take them dequantized.
-    w_d, x_w = _raw(w_deq), _raw(x_eff)
+    w_d, x_w = _operand(w_deq, r.w), _operand(x_eff, r.x)
   gq_d = _quant_grad(rot(g32, r.rht_dgrad, 1), r.g_dgrad, k_gd)
   if (r.g_wgrad == r.g_dgrad and r.rht_dgrad == r.rht_wgrad == 0
       and (r.g_wgrad is None or r.g_wgrad.rounding != "stochastic")):
@@ -376,13 +414,15 @@ def _bwd_core(r: Recipe, res, g):
     gq_w = _quant_grad(rot(g32, r.rht_wgrad, 0), r.g_wgrad, k_gw)
   bwd = functools.partial(gemm.qdot, impl=impl, backward=True,
                           accumulation=r.accumulation)
-  dx = bwd(gq_d, w_d, _NT)
+  # dx leaves as dx_dtype where nothing below touches it first.
+  dx = bwd(gq_d, w_d, _NT, out_dtype=dx_dtype if (
+      comp != "sparse" and mask_x is None and not r.rht_fwd) else None)
   dw = bwd(x_w, gq_w, _TN)
   if _uses_dge(r):
     # DGE: d(dequantized W)/dW evaluated on the scaled weight (RECIPE §3).
     dw = dw * quant.dge_derivative(w.astype(jnp.float32) * sw, r.dge_k,
                                    r.dge_cap, _dge_spec(r).fmt)
-  if comp == "sparse" and r.sparse_impl == "ell":   # resid is an Ell
+  if comp == "sparse" and gemm.resolve_sparse(r) == "ell":   # an Ell
     dw = dw + compensation.spmm_t(resid, gq_w.dequantize(), dw.shape[0])
     dx = compensation.replace_at_nonzeros(dx, resid, gq_d.dequantize(),
                                           w.astype(jnp.float32))
@@ -404,18 +444,19 @@ def _bwd_core(r: Recipe, res, g):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _qmatmul(x, w, recipe, dtypes, pack, key):
-  return _fwd_core(x, w, recipe, key)[0].astype(dtypes[1])
+  return _fwd_core(x, w, recipe, key, out_dtype=dtypes[1])[0].astype(
+      dtypes[1])
 
 
 def _qmatmul_fwd(x, w, recipe, dtypes, pack, key):
-  y, res = _fwd_core(x, w, recipe, key, pack)
+  y, res = _fwd_core(x, w, recipe, key, pack, dtypes[1])
   return y.astype(dtypes[1]), res
 
 
 def _qmatmul_bwd(recipe, dtypes, pack, res, g):
   if pack:
     res = _unpack_residuals(recipe, res, res[2].shape[0], dtypes[0], g)
-  dx, dw = _bwd_core(recipe, res, g)
+  dx, dw = _bwd_core(recipe, res, g, dtypes[0])
   # dtypes = (x's dtype, y's dtype); res[2] is w itself.
   return dx.astype(dtypes[0]), dw.astype(res[2].dtype), None
 

@@ -29,6 +29,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from fp4jax import backend
 from fp4jax import comm
 from fp4jax import llama
 from fp4jax import optim
@@ -609,11 +610,15 @@ def lower_train_step(model_cfg: llama.LlamaConfig,
                      seq_len: int, seed: int = 0,
                      logical_rules: sharding.Rules = sharding.LOGICAL_RULES,
                      segment_ids: bool = False,
-                     comm_dtype: str = "float32") -> Any:
+                     comm_dtype: str = "float32",
+                     platform: str | None = None) -> Any:
   """The train step of `make_trainer`, lowered for `mesh`'s devices and
   not compiled (nothing is initialised or run): for reading or compiling
   the program of devices this process may not have (a deviceless GPU
-  topology). Arguments as `make_trainer`.
+  topology). Arguments as `make_trainer`, and `platform`: lower for it
+  instead of the mesh's devices ("cuda": the GPU program's StableHLO from
+  a CPU mesh, for reading only; it cannot be compiled without the GPU
+  plugin).
 
   Returns:
     jax.stages.Lowered of train_step(state, batch).
@@ -625,10 +630,13 @@ def lower_train_step(model_cfg: llama.LlamaConfig,
        logical_rules=logical_rules, segment_ids=segment_ids,
        comm_dtype=comm_dtype)
   replicated = NamedSharding(mesh, PartitionSpec())
-  with sharding.use_mesh(mesh, logical_rules):
-    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
-                   out_shardings=(state_sh, replicated),
-                   donate_argnums=0).lower(abstract, abstract_batch)
+  with sharding.use_mesh(mesh, logical_rules), backend.targeting(platform):
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
+                     out_shardings=(state_sh, replicated), donate_argnums=0)
+    if platform is None:
+      return jitted.lower(abstract, abstract_batch)
+    return jitted.trace(abstract, abstract_batch).lower(
+        lowering_platforms=(platform,))
 
 
 def make_trainer(model_cfg: llama.LlamaConfig,

@@ -107,20 +107,18 @@ def test_no_sort_in_the_gpu_programs_top_k():
   assert "stablehlo.sort" not in text
 
 
-def _train_step_hlo(recipe: str, impl: str) -> str:
+def _train_step_hlo(recipe: str, impl: str, **fields) -> str:
   """StableHLO of a 1-layer tiny train step lowered for CUDA under the
   GPU target (XLA attention: cuDNN's needs the GPU plugin to trace)."""
   from fp4jax import optim, sizes, train_state  # pylint: disable=g-import-not-at-top
   cfg = dataclasses.replace(sizes.get_config("tiny"), n_layers=1,
                             attention="xla", compute_dtype="bfloat16")
-  rules = [(p, dataclasses.replace(r, impl=impl) if r else r)
+  rules = [(p, dataclasses.replace(r, impl=impl, **fields) if r else r)
            for p, r in qconfig.default_rules(recipe)]
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  with backend.targeting("gpu"):
-    lowered = train_state.lower_train_step(
-        cfg, rules, optim.OptimConfig(), num_steps=10, mesh=mesh,
-        global_batch=2, seq_len=16)
-  return lowered.as_text()
+  return train_state.lower_train_step(
+      cfg, rules, optim.OptimConfig(), num_steps=10, mesh=mesh,
+      global_batch=2, seq_len=16, platform="cuda").as_text()
 
 
 @pytest.mark.parametrize("recipe,impl,fp8_gemms", [
@@ -130,6 +128,9 @@ def _train_step_hlo(recipe: str, impl: str) -> str:
     # "xla" adds the backward GEMMs where the scales factor out: fp4_paper's
     # per-token X / per-channel W factor out of the forward only.
     ("fp4_paper", "xla", 7),
+    # The fp8 recipe's per-tensor scales factor out of all three GEMMs.
+    ("fp8", "xla", 21),
+    ("fp8", "fp8", 7),
     ("bf16", "auto", 0),
 ])
 def test_a_train_step_for_cuda_has_its_fp8_projection_gemms(
@@ -142,3 +143,20 @@ def test_a_train_step_for_cuda_has_its_fp8_projection_gemms(
   # the reference impl. (XLA attention's backward does: its score
   # cotangent is f32; the GPU default is cuDNN's kernel.)
   assert not any(d.startswith("f32 x f32") for d in dots), dots
+
+
+def test_fast_accumulation_fp8_gemms_write_bf16_where_scales_are_scalars():
+  # The fp8 recipe's per-tensor scales: the forward and dgrad GEMMs write
+  # the bf16 the model rounds to anyway (no f32 [M, N] and convert pass);
+  # the wgrad's product meets the f32 weight gradient, so stays f32.
+  dots = _dots(_train_step_hlo("fp8", "xla", accumulation="fast"))
+  fp8 = [d for d in dots if d.startswith("f8")]
+  assert len(fp8) == 21, dots
+  assert sum(d.endswith("-> bf16") for d in fp8) == 14, fp8
+  # Exact simulation (fp32 accumulation) and per-token / per-channel
+  # scales (fp4_paper) keep the f32 product.
+  for recipe, fields in (("fp8", {}), ("w4a4_direct",
+                                       {"accumulation": "fast"})):
+    fp8 = [d for d in _dots(_train_step_hlo(recipe, "xla", **fields))
+           if d.startswith("f8")]
+    assert fp8 and all(d.endswith("-> f32") for d in fp8), (recipe, fp8)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fp4jax import backend
 from fp4jax import gemm
 from fp4jax import qdot
 from fp4jax import quant
@@ -110,7 +111,10 @@ def _fp8_dots(text):
 
 @pytest.mark.parametrize("name,hw,n_fp8", [
     ("w4a4_direct", True, 3), ("w4a4_direct", False, 1),
-    ("fp4_paper", True, 3), ("fp4_paper", False, 1)])
+    ("fp4_paper", True, 3), ("fp4_paper", False, 1),
+    # Per-tensor scales factor out of every GEMM: the backward reuses the
+    # forward's grid values, no hw_faithful needed.
+    ("fp8", False, 3)])
 def test_xla_impl_runs_fp8_gemms_and_matches_the_reference(name, hw, n_fp8):
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.standard_normal((32, 128)), jnp.float32)
@@ -128,7 +132,8 @@ def test_xla_impl_runs_fp8_gemms_and_matches_the_reference(name, hw, n_fp8):
   # Grid GEMMs are exact in FP8; the GEMMs left dequantized (the backward
   # without hw_faithful, fp4_paper's residual products) round each operand
   # to bf16 once: < 2^-7 of the product's magnitude (see qdot_test).
-  tol = 1e-5 if (hw and name == "w4a4_direct") else 2.0 ** -7
+  exact = (hw and name == "w4a4_direct") or name == "fp8"
+  tol = 1e-5 if exact else 2.0 ** -7
   for a, b in ((y_got, y_want), (got[0], want[0]), (got[1], want[1])):
     assert _rel(a, np.asarray(b, np.float64)) < tol
 
@@ -227,3 +232,18 @@ def test_scaled_matmul_gradients_with_zero_blocks_and_rows(monkeypatch,
     b = np.asarray(b, np.float64)
     assert np.linalg.norm(b) > 0, what          # the oracle is not trivial
     assert _rel(a, b) < F32_RTOL, (name, what, _rel(a, b))
+
+
+def test_sparse_impl_auto_is_ell_on_cpu_with_per_token_occ_else_gemm():
+  paper = qdot.get_recipe("fp4_paper")
+  assert paper.sparse_impl == "auto"
+  assert gemm.resolve_sparse(paper) == "ell"          # this CPU
+  with backend.targeting("gpu"):
+    assert gemm.resolve_sparse(paper) == "gemm"       # tensor cores
+  # A tensor-wise quantile bounds no row's outliers: ELL cannot hold it.
+  assert gemm.resolve_sparse(qdot.get_recipe(
+      "fp4_paper", occ_axis=None)) == "gemm"
+  for explicit in ("gemm", "ell"):
+    with backend.targeting("gpu"):
+      assert gemm.resolve_sparse(qdot.get_recipe(
+          "fp4_paper", sparse_impl=explicit)) == explicit

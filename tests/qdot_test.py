@@ -486,7 +486,7 @@ def test_jaxpr_plain_recipe_has_no_quantizer(plain_counts):
 
 
 def test_jaxpr_fp4_paper_quantizes_every_gemm(plain_counts):
-  c = _mlp_counts("fp4_paper")
+  c = _mlp_counts("fp4_paper", sparse_impl="gemm")
   # Per layer: quantized fwd GEMM + the sparse compensation GEMM, dgrad and
   # wgrad.
   assert c["dot"] >= 4 * 2, c
@@ -503,7 +503,10 @@ def test_jaxpr_ell_compensation_runs_no_extra_gemm():
   # 0.9 leaves 2 and 6 outlier slots per row at K = 16, 32 (0.99: none).
   c = _mlp_counts("fp4_paper", sparse_impl="ell", occ_alpha=0.9)
   assert c["dot"] == 3 * 2, c
-  assert _mlp_counts("fp4_paper", occ_alpha=0.9)["dot"] == 6 * 2
+  assert _mlp_counts("fp4_paper", sparse_impl="gemm",
+                     occ_alpha=0.9)["dot"] == 6 * 2
+  # "auto" (the default) is the ELL form on a CPU target.
+  assert _mlp_counts("fp4_paper", occ_alpha=0.9)["dot"] == 3 * 2
   assert c["order"] >= 2 and c["pow"] >= 2, c
 
 
@@ -519,6 +522,6 @@ def test_ell_with_no_outlier_slots_equals_gemm():
   x, w, g = (rng.standard_normal(s).astype(np.float32)
              for s in ((8, 16), (16, 4), (8, 4)))
   got = _run(qdot.get_recipe("fp4_paper", sparse_impl="ell"), x, w, g)
-  want = _run(qdot.get_recipe("fp4_paper"), x, w, g)
+  want = _run(qdot.get_recipe("fp4_paper", sparse_impl="gemm"), x, w, g)
   for a, b in zip(got, want):
     np.testing.assert_array_equal(a, b)
