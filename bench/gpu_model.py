@@ -12,7 +12,9 @@ compiler and no device: fusion, the cuBLASLt FP8 rewrite, Triton GEMMs.
 Nothing runs and nothing is autotuned. Then it reads the compiled program
 (fp4jax.hlo_cost) and prints per recipe: GEMM FLOPs by operand class, the
 bytes every other kernel moves, activation-sized passes per block, kernel
-launches, and a roofline time, each labelled an estimate.
+launches, and a roofline time, each labelled an estimate; and two floors
+from the same programs: the recipe with quantization free (its GEMMs, bf16's
+other kernels) and any recipe with every projection GEMM on FP8 tensor cores.
 
 The program is compiled at 1 and 2 layers; a layer's cost is the
 difference, and the full depth is extrapolated (the layers are identical).

@@ -198,7 +198,7 @@ def qdot(a: Operand, b: Operand, dims, impl: GemmImpl, *,
     accumulation: "fp32" | "fast" (FP8 dots on GPU only).
     out_dtype: the dtype the caller rounds the product to next, if it does
       nothing else with it first; a 16-bit one lets an FP8 GEMM with
-      per-tensor scales write it directly (see `_scaled_fp8_out`).
+      accumulation "fast" write it directly (see `_scaled_fp8_out`).
 
   Returns:
     [rows of a's free dim, cols of b's free dim] float32, or out_dtype
@@ -215,14 +215,14 @@ def qdot(a: Operand, b: Operand, dims, impl: GemmImpl, *,
   scales = [s for s in (_free_scale(a, True), _free_scale(b, False))
             if s is not None]
   precision = _precision((da, db), accumulation)
-  if _scaled_fp8_out(precision, scales, out_dtype):
+  if _scaled_fp8_out(precision, out_dtype):
     y = jax.lax.dot_general(a.values.astype(da), b.values.astype(db), dims,
                             precision=precision,
                             preferred_element_type=out_dtype)
-    inv = jnp.float32(1)
+    y = y.astype(jnp.float32)
     for s in scales:
-      inv = inv / s
-    return (y.astype(jnp.float32) * inv).astype(out_dtype)
+      y = y / s
+    return y.astype(out_dtype)
   y = jax.lax.dot_general(a.values.astype(da), b.values.astype(db), dims,
                           precision=precision,
                           preferred_element_type=jnp.float32)
@@ -231,22 +231,21 @@ def qdot(a: Operand, b: Operand, dims, impl: GemmImpl, *,
   return y
 
 
-def _scaled_fp8_out(precision, scales, out_dtype) -> bool:
+def _scaled_fp8_out(precision, out_dtype) -> bool:
   """Whether an FP8 GEMM on the GPU target writes `out_dtype` itself.
 
   The f32 form writes an f32 [M, N] from cuBLASLt and converts it in a
   second kernel (XLA never makes that convert the GEMM's output type:
   checked on the deviceless-compiled program), 6 more bytes per output
-  element than a GEMM that writes bf16. With per-tensor (scalar) scales
-  the GEMM writes bf16(acc) and the f32 scale multiply is an elementwise
-  op XLA fuses into the consumer: two roundings (<= 2^-8 relative, the
-  scale itself exact) instead of one. Only with accumulation "fast", the
-  run-for-speed setting; per-row / per-column scales keep the f32 product.
+  element than a GEMM that writes bf16. Here the GEMM writes bf16(acc)
+  and the f32 scale division (per tensor, row or column) is an
+  elementwise op XLA fuses into the consumer: two roundings (<= 2^-8
+  relative, the scales themselves exact) instead of one. Only with
+  accumulation "fast", the run-for-speed setting.
   """
   fast = jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32_FAST_ACCUM
   return (out_dtype is not None and precision == fast
-          and jnp.dtype(out_dtype).itemsize == 2
-          and all(s.ndim == 0 for s in scales))
+          and jnp.dtype(out_dtype).itemsize == 2)
 
 
 # ------------------------------------------------ block-scaled (Blackwell)

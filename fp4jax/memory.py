@@ -95,7 +95,9 @@ def _resid_bytes(r: qconfig.Recipe, k: int) -> float:
   """One row of the OCC residual as the packed residuals keep it."""
   if r.occ_axis is None:
     return 4 * k
-  # compensation.Ell: int32 column and f32 value per slot.
+  # compensation.Ell: int32 column and f32 value per slot. (The ELL
+  # products, sparse_impl "ell", keep the slots OCC's top_k found, two more
+  # per row; a plan is an accelerator's, where "auto" is the dense GEMM.)
   return 8 * compensation.capacity(k, r.occ_alpha)
 
 

@@ -171,8 +171,9 @@ class Recipe:
       elsewhere).
     accumulation: FP8 GEMMs on GPU: "fp32" (exact simulation) or "fast"
       (run for speed: cuBLASLt fast accumulation, XLA's default for FP8,
-      and GEMMs with per-tensor scales write the 16-bit result directly,
-      rounded before their scale is applied; gemm._scaled_fp8_out).
+      and the GEMMs whose product goes straight out write the 16-bit
+      result directly, rounded before the scales are applied;
+      gemm._scaled_fp8_out).
     w_dgrad: with hw_faithful, how W is re-quantized for the dgrad GEMM
       (contracting N); None = `w` with its axis moved to N.
     x_wgrad: with hw_faithful, how X is re-quantized for the wgrad GEMM

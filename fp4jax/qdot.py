@@ -82,11 +82,15 @@ def _row_kernel(x32, r: Recipe):
   return None, out.residual, qx
 
 
-def _ell(r: Recipe, resid):
+def _ell(r: Recipe, resid, tails=None):
   """The residual in ELL form (sparse_impl "ell"), else None. Exact: with
-  per-token OCC no row holds more than `compensation.capacity` nonzeros."""
+  per-token OCC no row holds more than `compensation.capacity` nonzeros,
+  and `tails` (quant.occ_clamp_tails), where given, holds every one."""
   if gemm.resolve_sparse(r) != "ell":
     return None
+  if tails is not None:
+    return compensation.Ell(tails, jnp.take_along_axis(
+        resid.astype(jnp.float32), tails, axis=1))
   # Capacity 0 (too few columns for any outlier) gives zero slots, which
   # every product handles as R == 0.
   return compensation.to_ell(
@@ -106,11 +110,13 @@ def _fwd_core(x, w, r: Recipe, key, pack: bool = False, out_dtype=None):
     x32 = hadamard.rotate(x32, r.rht_fwd, 1)
     w32 = hadamard.rotate(w32, r.rht_fwd, 0)
   fused = _row_kernel(x32, r)
+  tails = None
   if fused is not None:
     xc, resid, qx = fused
   else:
     if r.occ_alpha is not None:
-      xc, resid = quant.occ_clamp(x32, r.occ_alpha, r.occ_axis)
+      xc, resid, tails = quant.occ_clamp_tails(x32, r.occ_alpha,
+                                               r.occ_axis)
     else:
       xc, resid = x32, None
     qx = quant.quantize(xc, r.x, kx) if r.x is not None else None
@@ -136,7 +142,7 @@ def _fwd_core(x, w, r: Recipe, key, pack: bool = False, out_dtype=None):
     if comp == "sparse":
       # Paper: the sparse residual goes through a separate high precision
       # product with the unquantized weight.
-      ell = _ell(r, resid)
+      ell = _ell(r, resid, tails)
       if ell is None:
         y = y + _dot(resid, w32, _NN, impl.deq_dtype)
       else:

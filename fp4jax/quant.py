@@ -357,6 +357,10 @@ def _top_k_for(k: int):
 
 
 def _order_stats(x32: jax.Array, i_lo: int, i_hi: int, axis: int | None):
+  """(lo, hi, tails): the order statistics, keepdims along `axis`, and
+  where top_k found them on the last axis, the int32 [..., k_top + k_bot]
+  positions of the k_top largest and k_bot smallest entries of each row
+  (every entry outside [lo, hi] is among them); else tails is None."""
   n = x32.size if axis is None else x32.shape[axis]
   k_top = n - i_hi            # hi is the k_top-th largest
   k_bot = i_lo + 1            # lo is the k_bot-th smallest
@@ -365,14 +369,26 @@ def _order_stats(x32: jax.Array, i_lo: int, i_hi: int, axis: int | None):
     xm = jnp.moveaxis(x32, axis, -1)
     # min over the k values, not [..., -1:]: XLA:CPU lowers top_k followed
     # by a slice into a full sort (~30x slower).
-    hi = jnp.min(top_k(xm, k_top)[0], axis=-1, keepdims=True)
-    lo = -jnp.min(top_k(-xm, k_bot)[0], axis=-1, keepdims=True)
-    return jnp.moveaxis(lo, -1, axis), jnp.moveaxis(hi, -1, axis)
-  return _kth_smallest(x32, i_lo, axis), _kth_smallest(x32, i_hi, axis)
+    top, top_i = top_k(xm, k_top)
+    bot, bot_i = top_k(-xm, k_bot)
+    hi = jnp.min(top, axis=-1, keepdims=True)
+    lo = -jnp.min(bot, axis=-1, keepdims=True)
+    tails = None
+    if axis in (-1, x32.ndim - 1):
+      tails = jnp.concatenate([top_i, bot_i], axis=-1).astype(jnp.int32)
+    return jnp.moveaxis(lo, -1, axis), jnp.moveaxis(hi, -1, axis), tails
+  return (_kth_smallest(x32, i_lo, axis), _kth_smallest(x32, i_hi, axis),
+          None)
 
 
 def occ_clamp(x: jax.Array, alpha: float, axis: int | None = -1
               ) -> tuple[jax.Array, jax.Array]:
+  """`occ_clamp_tails` without the tail positions."""
+  return occ_clamp_tails(x, alpha, axis)[:2]
+
+
+def occ_clamp_tails(x: jax.Array, alpha: float, axis: int | None = -1
+                    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """Outlier clamping at exact order statistics (RECIPE §4, paper Eq. 9).
 
   With s = sort(x) along `axis` of length N: lo = s[int((1-alpha) N)],
@@ -385,7 +401,13 @@ def occ_clamp(x: jax.Array, alpha: float, axis: int | None = -1
     axis: -1 (or any int) for per-row statistics, None for tensor-wise.
 
   Returns:
-    (clamped, residual) with residual = x - clamped, both x.dtype.
+    (clamped, residual, tails) with residual = x - clamped, both x.dtype,
+    and tails, for per-row statistics along the last axis found by top_k,
+    the int32 [..., k_top + k_bot] positions of each row's k_top largest
+    and k_bot smallest entries (compensation.capacity + 2 of them): every
+    nonzero of the row's residual is at one of them, once; the others'
+    residual is 0. None where bisection or a tensor-wise quantile found
+    them. The ELL form of the residual without another top_k.
   """
   if not (isinstance(alpha, (int, float)) and 0.5 < alpha < 1):
     raise ValueError(f"OCC alpha must be in (0.5, 1), got alpha={alpha!r}")
@@ -394,6 +416,6 @@ def occ_clamp(x: jax.Array, alpha: float, axis: int | None = -1
   i_lo, i_hi = int((1 - alpha) * n), int(alpha * n)
   i_hi = min(i_hi, n - 1)
   x32 = x.astype(jnp.float32)
-  lo, hi = _order_stats(x32, i_lo, i_hi, ax)
+  lo, hi, tails = _order_stats(x32, i_lo, i_hi, ax)
   xc = jnp.clip(x32, lo, hi).astype(x.dtype)
-  return xc, x - xc
+  return xc, x - xc, tails

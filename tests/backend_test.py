@@ -145,17 +145,23 @@ def test_a_train_step_for_cuda_has_its_fp8_projection_gemms(
   assert not any(d.startswith("f32 x f32") for d in dots), dots
 
 
-def test_fast_accumulation_fp8_gemms_write_bf16_where_scales_are_scalars():
-  # The fp8 recipe's per-tensor scales: the forward and dgrad GEMMs write
-  # the bf16 the model rounds to anyway (no f32 [M, N] and convert pass);
-  # the wgrad's product meets the f32 weight gradient, so stays f32.
+def test_fast_accumulation_fp8_gemms_write_bf16_where_the_product_goes_out():
+  # The fp8 recipe: the forward and dgrad GEMMs write the bf16 the model
+  # rounds to anyway (no f32 [M, N] and convert pass; the scales are
+  # applied after); the wgrad's product meets the f32 weight gradient.
   dots = _dots(_train_step_hlo("fp8", "xla", accumulation="fast"))
   fp8 = [d for d in dots if d.startswith("f8")]
   assert len(fp8) == 21, dots
   assert sum(d.endswith("-> bf16") for d in fp8) == 14, fp8
-  # Exact simulation (fp32 accumulation) and per-token / per-channel
-  # scales (fp4_paper) keep the f32 product.
-  for recipe, fields in (("fp8", {}), ("w4a4_direct",
+  # w4a4_direct: only its forward is FP8 (per-token / per-channel scales
+  # lie along the backward contractions) and it writes bf16.
+  fp8 = [d for d in _dots(_train_step_hlo("w4a4_direct", "xla",
+                                          accumulation="fast"))
+         if d.startswith("f8")]
+  assert len(fp8) == 7 and all(d.endswith("-> bf16") for d in fp8), fp8
+  # Exact simulation (fp32 accumulation), and fp4_paper's forward (the
+  # compensation is added to it in f32), keep the f32 product.
+  for recipe, fields in (("fp8", {}), ("fp4_paper",
                                        {"accumulation": "fast"})):
     fp8 = [d for d in _dots(_train_step_hlo(recipe, "xla", **fields))
            if d.startswith("f8")]

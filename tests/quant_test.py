@@ -300,6 +300,29 @@ def test_occ_ties_and_constant_rows():
   np.testing.assert_array_equal(c[2, :3], [50.0, 1.0, 50.0])
 
 
+@pytest.mark.parametrize("n,alpha", [(200, 0.99), (512, 0.97), (7, 0.75)])
+def test_occ_tails_hold_every_nonzero_of_the_residual_once(n, alpha):
+  rng = np.random.default_rng(n)
+  x = rng.standard_t(df=3, size=(12, n)).astype(np.float32)
+  x[0] = rng.integers(-2, 3, size=n)          # heavy ties
+  x[1] = 1.0                                  # a constant row
+  x[2, :3] = [50.0, -50.0, 50.0]
+  c, r, tails = quant.occ_clamp_tails(jnp.asarray(x), alpha)
+  want_c, want_r = quant.occ_clamp(jnp.asarray(x), alpha)
+  np.testing.assert_array_equal(_np(c), _np(want_c))
+  np.testing.assert_array_equal(_np(r), _np(want_r))
+  tails, r = np.asarray(tails), _np(r)
+  i_lo, i_hi = int((1 - alpha) * n), min(int(alpha * n), n - 1)
+  assert tails.shape == (12, (n - i_hi) + (i_lo + 1)) and tails.dtype == (
+      np.int32)
+  for row in range(12):
+    held = list(tails[row])
+    for col in np.flatnonzero(r[row]):
+      assert held.count(col) == 1, (row, col, held)
+  # Where bisection finds the statistics (tensor-wise), there are none.
+  assert quant.occ_clamp_tails(jnp.asarray(x), alpha, axis=None)[2] is None
+
+
 def test_occ_tensor_wise():
   x = np.random.default_rng(7).standard_t(df=3, size=(24, 50))
   _check_occ(x.astype(np.float32), 0.99, axis=None)

@@ -65,6 +65,11 @@ TINY = dataclasses.replace(sizes.get_config("tiny"), attention="xla",
 FP4_SR = dataclasses.replace(
     qconfig.get_recipe("w4a4_direct", x__rounding="stochastic"),
     name="w4a4_x_sr")
+# memory's counts are an accelerator's, where sparse_impl "auto" is the
+# dense compensation GEMM (gemm.resolve_sparse); XLA:CPU would take ELL.
+_AS_ON_GPU = {"fp4_paper": qconfig.get_recipe("fp4_paper", sparse_impl="gemm")}
+
+
 RECIPES = {
     None: None,
     "fp4_paper": qconfig.get_recipe("fp4_paper"),
@@ -189,15 +194,21 @@ def _saved_bytes_per_row(recipe, k, m=32):
     ("nvfp4", 2 * 256),
 ])
 def test_saved_bytes_of_a_packed_projection(name, want):
-  assert _saved_bytes_per_row(qconfig.get_recipe(name), 256) == want
+  recipe = _AS_ON_GPU.get(name) or qconfig.get_recipe(name)
+  assert _saved_bytes_per_row(recipe, 256) == want
 
 
 def test_packed_ell_capacity_is_compensation_capacity():
-  # The count the memory model uses for the residual is the one stored.
+  # The count the memory model uses for the residual is the one stored
+  # (its plan is an accelerator's: the dense compensation GEMMs).
   cap = compensation.capacity(512, 0.99)
   assert cap == 5 + 5
-  assert _saved_bytes_per_row(qconfig.get_recipe("fp4_paper"), 512) == (
+  assert _saved_bytes_per_row(_AS_ON_GPU["fp4_paper"], 512) == (
       512 / 2 + 4 + 8 * cap)
+  # The ELL products (CPU's "auto") keep the positions OCC's top_k found:
+  # the k_top largest and k_bot smallest, two slots more.
+  assert _saved_bytes_per_row(qconfig.get_recipe("fp4_paper"), 512) == (
+      512 / 2 + 4 + 8 * (cap + 2))
 
 
 # ------------------------------------------------------------ the model
@@ -382,11 +393,6 @@ def _xla_temp(recipe_name, remat, n_layers):
   tokens = jax.ShapeDtypeStruct((XLA_BATCH, XLA_SEQ), jnp.int32)
   compiled = jax.jit(jax.grad(loss)).lower(state, tokens).compile()
   return memory.compiled_bytes(compiled)["temp"]
-
-
-# memory's counts are an accelerator's, where sparse_impl "auto" is the
-# dense compensation GEMM (gemm.resolve_sparse); XLA:CPU would take ELL.
-_AS_ON_GPU = {"fp4_paper": qconfig.get_recipe("fp4_paper", sparse_impl="gemm")}
 
 
 def _per_layer(recipe_name, remat):
