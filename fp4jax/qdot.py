@@ -409,8 +409,9 @@ def _bwd_core(r: Recipe, res, g, dx_dtype=None):
     if comp == "dense":
       x_w = _raw(x_w.dequantize() + resid)
   else:
-    # The forward's quantized operands: their scales lie along these GEMMs'
-    # contractions, so the GEMMs take them dequantized.
+    # The forward's quantized operands: dequantized where their scales lie
+    # along these GEMMs' contractions, on their grid where saved so
+    # (GridResidual: per-tensor scales factor out of every GEMM).
     w_d, x_w = _operand(w_deq, r.w), _operand(x_eff, r.x)
   gq_d = _quant_grad(rot(g32, r.rht_dgrad, 1), r.g_dgrad, k_gd)
   if (r.g_wgrad == r.g_dgrad and r.rht_dgrad == r.rht_wgrad == 0
