@@ -56,7 +56,7 @@ def capacity(k: int, alpha: float) -> int:
 def to_ell(resid: jax.Array, cap: int) -> Ell:
   """The ELL form of `resid` [M, K], exact when no row holds more than
   `cap` nonzeros (true of per-token OCC at `capacity`)."""
-  r32 = resid.astype(jnp.float32)
+  r32 = jnp.asarray(resid, jnp.float32)
   _, idx = jax.lax.top_k(jnp.abs(r32), cap)
   return Ell(idx.astype(jnp.int32), jnp.take_along_axis(r32, idx, axis=1))
 
@@ -74,7 +74,9 @@ def _slots(ell: Ell):
 
 def spmm(ell: Ell, w: jax.Array) -> jax.Array:
   """R W: [M, c] ELL x w [K, N] -> [M, N] float32."""
-  w32 = w.astype(jnp.float32)
+  # jnp.asarray: a host (numpy) operand could not be indexed by the scan's
+  # traced slot in an eagerly called model.
+  w32 = jnp.asarray(w, jnp.float32)
 
   def step(acc, slot):
     i, v = slot
@@ -86,7 +88,7 @@ def spmm(ell: Ell, w: jax.Array) -> jax.Array:
 
 def spmm_t(ell: Ell, g: jax.Array, k: int) -> jax.Array:
   """R^T G: ([M, K] as ELL)^T x g [M, N] -> [K, N] float32."""
-  g32 = g.astype(jnp.float32)
+  g32 = jnp.asarray(g, jnp.float32)
 
   def step(acc, slot):
     i, v = slot
@@ -99,7 +101,7 @@ def spmm_t(ell: Ell, g: jax.Array, k: int) -> jax.Array:
 def sddmm(ell: Ell, g: jax.Array, w: jax.Array) -> jax.Array:
   """(G W^T)[m, idx[m, j]] for every slot: g [M, N], w [K, N] -> [M, c]
   float32."""
-  g32, w32 = g.astype(jnp.float32), w.astype(jnp.float32)
+  g32, w32 = jnp.asarray(g, jnp.float32), jnp.asarray(w, jnp.float32)
 
   def step(carry, i):
     return carry, jnp.sum(g32 * w32[i], axis=1)

@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from fp4jax import gemm
 from fp4jax import qdot
 import np_ref
 
@@ -525,3 +526,17 @@ def test_ell_with_no_outlier_slots_equals_gemm():
   want = _run(qdot.get_recipe("fp4_paper", sparse_impl="gemm"), x, w, g)
   for a, b in zip(got, want):
     np.testing.assert_array_equal(a, b)
+
+
+def test_an_eager_call_with_host_weights_runs_the_ell_compensation():
+  # A model called outside jit with numpy parameters (a notebook probing a
+  # restored run): the ELL products' scans index the weight by a traced
+  # slot, which a numpy array cannot take.
+  rng = np.random.default_rng(8)
+  x = rng.standard_normal((8, 256)).astype(np.float32)
+  w = (rng.standard_normal((256, 16)) * 0.05).astype(np.float32)
+  r = qdot.get_recipe("fp4_paper")
+  assert gemm.resolve_sparse(r) == "ell"      # CPU: the ELL products
+  got = qdot.qmatmul(jnp.asarray(x), w, r)
+  want = qdot.qmatmul(jnp.asarray(x), jnp.asarray(w), r)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
