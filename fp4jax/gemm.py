@@ -215,20 +215,14 @@ def qdot(a: Operand, b: Operand, dims, impl: GemmImpl, *,
   scales = [s for s in (_free_scale(a, True), _free_scale(b, False))
             if s is not None]
   precision = _precision((da, db), accumulation)
-  if _scaled_fp8_out(precision, out_dtype):
-    y = jax.lax.dot_general(a.values.astype(da), b.values.astype(db), dims,
-                            precision=precision,
-                            preferred_element_type=out_dtype)
-    y = y.astype(jnp.float32)
-    for s in scales:
-      y = y / s
-    return y.astype(out_dtype)
+  narrow = _scaled_fp8_out(precision, out_dtype)
   y = jax.lax.dot_general(a.values.astype(da), b.values.astype(db), dims,
                           precision=precision,
-                          preferred_element_type=jnp.float32)
+                          preferred_element_type=out_dtype if narrow
+                          else jnp.float32).astype(jnp.float32)
   for s in scales:
     y = y / s
-  return y
+  return y.astype(out_dtype) if narrow else y
 
 
 def _scaled_fp8_out(precision, out_dtype) -> bool:
