@@ -35,7 +35,6 @@ Owns: this estimate only.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import os
@@ -98,14 +97,6 @@ def _setup(a):
   return jax, list(topo.devices)
 
 
-def _literal(v: str):
-  """A --set value: a Python literal (None, True, 3, 0.97) or a bare word."""
-  try:
-    return ast.literal_eval(v)
-  except (ValueError, SyntaxError):
-    return v
-
-
 def _compile(jax, devices, a, recipe: str, layers: int) -> str:
   from fp4jax import llama, optim, qconfig, sharding, sizes, train_state  # pylint: disable=g-import-not-at-top
   cfg = dataclasses.replace(sizes.get_config(a.size), n_layers=layers,
@@ -118,7 +109,7 @@ def _compile(jax, devices, a, recipe: str, layers: int) -> str:
                                 if r.bf16_tail else r)
   if a.set:
     fields = dict(kv.split("=", 1) for kv in a.set.split(","))
-    fields = {k: _literal(v) for k, v in fields.items()}
+    fields = {k: qconfig.override_value(v) for k, v in fields.items()}
     rules = [(p, dataclasses.replace(r, **fields) if r else r)
              for p, r in rules]
   mesh = sharding.make_mesh(devices=devices)

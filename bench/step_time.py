@@ -16,7 +16,6 @@ cost as a share of N train steps (goal: <= 5% at N = 50).
 """
 
 import argparse
-import ast
 import statistics
 import sys
 import time
@@ -61,10 +60,7 @@ def _recipe(spec: str) -> qconfig.Recipe:
   overrides = {}
   for item in filter(None, rest.split(";")):
     k, _, v = item.partition("=")
-    try:
-      overrides[k] = ast.literal_eval(v)
-    except (ValueError, SyntaxError):
-      overrides[k] = v          # a bare word: a string (sparse_impl=ell)
+    overrides[k] = qconfig.override_value(v)
   return qconfig.get_recipe(name, **overrides)
 
 

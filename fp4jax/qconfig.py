@@ -10,6 +10,7 @@ Must not import: jax compute, flax, ml_collections, anything in fp4jax except
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 from typing import Any, Sequence
@@ -400,6 +401,15 @@ _GROUP_SHORTCUTS = {
     "weight_2d": ("block_2d", bool, ("w",)),
     "e8m0_round_up": ("e8m0_round_up", bool, _OPERANDS),
 }
+
+
+def override_value(text: str) -> Any:
+  """A recipe override typed on a command line ("k=v"): a Python literal
+  (None, True, 3, 0.97, "e2m1") or else the bare word as a string (ell)."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
 
 
 def get_recipe(name: str | Recipe, **overrides: Any) -> Recipe:

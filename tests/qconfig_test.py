@@ -156,3 +156,13 @@ def test_rule_matching_nothing_raises():
 def test_bad_regex_raises():
   with pytest.raises(ValueError, match=r"\(unclosed"):
     qconfig.resolve_rules(_LLAMA_PATHS, ((r"(unclosed", None),))
+
+
+def test_override_values_typed_on_a_command_line():
+  # bench/step_time.py "NAME:k=v;k=v" and bench/gpu_model.py --set.
+  assert qconfig.override_value("True") is True
+  assert qconfig.override_value("None") is None
+  assert qconfig.override_value("0.97") == 0.97
+  assert qconfig.override_value("5") == 5
+  assert qconfig.override_value("ell") == "ell"          # a bare word
+  assert qconfig.override_value("'none'") == "none"
