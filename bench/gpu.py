@@ -90,8 +90,10 @@ def env():
           "devices": [d.device_kind for d in jax.devices()]}
 
 
-def _vjp_all(x, w, g, recipe, key):
-  y, pull = jax.vjp(lambda a, b: qdot.qmatmul(a, b, recipe, key), x, w)
+def _vjp_all(x, w, g, recipe, execution, key):
+  """y, dx, dw of qmatmul; jit it with static_argnums=(3, 4)."""
+  y, pull = jax.vjp(lambda a, b: qdot.qmatmul(a, b, recipe, key,
+                                              execution=execution), x, w)
   return (y,) + pull(g)
 
 
@@ -111,15 +113,16 @@ def qmatmul_correctness(m=256, k=512, n=384, recipes=None):
   out = {}
   for name in recipes or qdot.RECIPES:
     key = jax.random.key(1)
-    ref_r = qdot.get_recipe(name, impl="reference")
-    f = jax.jit(_vjp_all, static_argnums=3)
+    r = qdot.get_recipe(name)
+    f = jax.jit(_vjp_all, static_argnums=(3, 4))
     with jax.default_device(cpu):
-      host = [np.asarray(t) for t in f(x, w, g, ref_r, key)]
+      host = [np.asarray(t) for t in f(
+          x, w, g, r, qdot.Execution(impl="reference"), key)]
     row = {}
     for impl in IMPLS:
-      r = qdot.get_recipe(name, impl=impl)
       with jax.default_device(dev):
-        got = [np.asarray(t) for t in f(x, w, g, r, key)]
+        got = [np.asarray(t) for t in f(x, w, g, r,
+                                         qdot.Execution(impl=impl), key)]
       row[impl] = {t: _rel(a, b) for t, a, b in
                    zip(("y", "dx", "dw"), got, host)}
       row[impl]["finite"] = bool(all(np.isfinite(a).all() for a in got))
@@ -134,17 +137,18 @@ def qmatmul_speed(m=8192, k=2048, n=5632, iters=20):
   w = (jax.random.normal(kw, (k, n), jnp.float32) * 0.02).astype(jnp.bfloat16)
   g = jax.random.normal(kg, (m, n), jnp.bfloat16)
   key = jax.random.key(2)
-  f = jax.jit(_vjp_all, static_argnums=3)
+  f = jax.jit(_vjp_all, static_argnums=(3, 4))
   out = {}
-  base = _median_time(f, x, w, g, qdot.get_recipe("bf16"), key, iters=iters)
+  base = _median_time(f, x, w, g, qdot.get_recipe("bf16"), qdot.Execution(),
+                      key, iters=iters)
   flops = 3 * 2 * m * k * n
   out["bf16"] = {"ms": base * 1e3, "tflops": flops / base / 1e12}
   for name in qdot.RECIPES:
     if name == "bf16":
       continue
     for impl in ("fast", "fp8", "xla", "pallas"):
-      t = _median_time(f, x, w, g, qdot.get_recipe(name, impl=impl), key,
-                       iters=iters)
+      t = _median_time(f, x, w, g, qdot.get_recipe(name),
+                       qdot.Execution(impl=impl), key, iters=iters)
       out[f"{name}/{impl}"] = {"ms": t * 1e3, "ratio": t / base}
   return out
 
@@ -181,9 +185,9 @@ def kernels(m=8192, k=2048, iters=10):
   xs = jnp.asarray(rng.standard_normal((256, 512)), jnp.float32)
   ws = jnp.asarray(rng.standard_normal((512, 384)) * 0.05, jnp.float32)
   gs = jnp.asarray(rng.standard_normal((256, 384)), jnp.float32)
-  r = qdot.get_recipe("fp4_paper", impl="xla", hw_faithful=True)
-  f = jax.jit(_vjp_all, static_argnums=3)
-  lowered = f.lower(xs, ws, gs, r, None)
+  r = qdot.get_recipe("fp4_paper", hw_faithful=True)
+  f = jax.jit(_vjp_all, static_argnums=(3, 4))
+  lowered = f.lower(xs, ws, gs, r, qdot.Execution(impl="xla"), None)
   text = lowered.as_text()
   out["fp8_dots_lowered"] = sum(1 for l in text.splitlines()
                                 if "dot_general" in l and "f8E" in l)
@@ -201,12 +205,13 @@ def _compensation_speed(m, k, iters):
   x = jnp.asarray(rng.standard_t(3, (m, k)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((k, k)) * 0.05, jnp.float32)
   g = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
-  f = jax.jit(_vjp_all, static_argnums=3)
+  f = jax.jit(_vjp_all, static_argnums=(3, 4))
   outs, times = {}, {}
+  r = qdot.get_recipe("fp4_paper")
   for impl in ("gemm", "ell"):
-    r = qdot.get_recipe("fp4_paper", sparse_impl=impl)
-    outs[impl] = [np.asarray(t) for t in f(x, w, g, r, None)]
-    times[impl] = _median_time(f, x, w, g, r, None, iters=iters)
+    run = qdot.Execution(sparse_impl=impl)
+    outs[impl] = [np.asarray(t) for t in f(x, w, g, r, run, None)]
+    times[impl] = _median_time(f, x, w, g, r, run, None, iters=iters)
   return {"gemm_ms": times["gemm"] * 1e3, "ell_ms": times["ell"] * 1e3,
           "ell_vs_gemm": times["ell"] / times["gemm"],
           "max_rel_diff": max(_rel(a, b) for a, b in
@@ -241,7 +246,7 @@ def gemm_speed(sizes_=(4096, 8192), iters=10):
       fa = "e5m2" if lname == "dgrad" else "e4m3"
       fb = "e5m2" if lname == "wgrad" else "e4m3"
       for acc in ("fp32", "fast"):
-        f8 = jax.jit(lambda x, y, sx, acc=acc, d=d, fa=fa, fb=fb: gemm.qdot(
+        f8 = jax.jit(lambda x, y, sx, acc=acc, d=d, fa=fa, fb=fb: gemm.scaled_dot(
             gemm.Operand(x, sx, fa), gemm.Operand(y, None, fb), d,
             gemm.IMPLS["xla"], backward=True, accumulation=acc))
         t = _median_time(f8, v, v, sa, iters=iters)
@@ -257,7 +262,8 @@ def _make_trainer(size, recipe, batch, seq, attention, moments):
   kw["max_seq_len"] = max(kw["max_seq_len"], seq)
   cfg = llama.LlamaConfig(**kw, attention=attention)
   tr = train_state.make_trainer(
-      cfg, qconfig.default_rules(recipe), optim.OptimConfig(moments=moments),
+      cfg, qconfig.default_rules(recipe, cfg.n_layers),
+      optim.OptimConfig(moments=moments),
       num_steps=1000, mesh=sharding.make_mesh(data=-1), global_batch=batch,
       seq_len=seq, seed=0)
   rng = np.random.default_rng(0)

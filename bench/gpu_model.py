@@ -67,8 +67,11 @@ def _args(argv):
   p.add_argument("--batch", type=int, default=8, help="rows per GPU")
   p.add_argument("--seq", type=int, default=2048)
   p.add_argument("--set", default="",
-                 help="Recipe fields for every quantized recipe, e.g. "
-                 "impl=xla,sparse_impl=ell,occ_axis=-1")
+                 help="overrides for every quantized recipe, e.g. "
+                 "impl=xla,sparse_impl=ell,occ_axis=-1: recipe keys "
+                 "(qconfig.get_recipe), run-level keys impl, accumulation, "
+                 "sparse_impl (qconfig.Execution) and bf16_tail (the layer "
+                 "rules' share of the last blocks kept BF16)")
   p.add_argument("--moments", default="paper")
   p.add_argument("--attention_efficiency", type=float, default=0.5)
   p.add_argument("--calibrate", action="store_true")
@@ -97,21 +100,40 @@ def _setup(a):
   return jax, list(topo.devices)
 
 
+def _overrides(a):
+  """--set as (recipe overrides, qconfig.Execution, layer-rule keys)."""
+  from fp4jax import qconfig  # pylint: disable=g-import-not-at-top
+  fields = dict(kv.split("=", 1) for kv in a.set.split(",")) if a.set else {}
+  fields = {k: qconfig.override_value(v) for k, v in fields.items()}
+  recipe, run, layer = qconfig.split_overrides(fields)
+  return recipe, qconfig.Execution(**run), layer
+
+
+def _bf16_tail(a, recipe: str) -> float:
+  """The share of the last blocks kept BF16: --set bf16_tail=, else the
+  named recipe's own (qconfig.BF16_TAILS)."""
+  from fp4jax import qconfig  # pylint: disable=g-import-not-at-top
+  share = _overrides(a)[2].get("bf16_tail")
+  if share is None:
+    return qconfig.default_bf16_tail(recipe)
+  qconfig.tail_rules(1, share)     # the one check of a share
+  return float(share)
+
+
 def _compile(jax, devices, a, recipe: str, layers: int) -> str:
   from fp4jax import llama, optim, qconfig, sharding, sizes, train_state  # pylint: disable=g-import-not-at-top
+  recipe_over, run, _ = _overrides(a)
   cfg = dataclasses.replace(sizes.get_config(a.size), n_layers=layers,
                             vocab_size=32000, attention="xla",
-                            max_seq_len=max(a.seq, 2048))
+                            max_seq_len=max(a.seq, 2048), gemm=run)
   del llama
   # The BF16 tail (nvfp4_nvidia) is added per layer by model_recipe.
-  r = qconfig.get_recipe(recipe)
-  rules = qconfig.default_rules(dataclasses.replace(r, bf16_tail=0.0)
-                                if r.bf16_tail else r)
-  if a.set:
-    fields = dict(kv.split("=", 1) for kv in a.set.split(","))
-    fields = {k: qconfig.override_value(v) for k, v in fields.items()}
-    rules = [(p, dataclasses.replace(r, **fields) if r else r)
+  rules = qconfig.default_rules(recipe, bf16_tail=0.0)
+  if recipe_over:
+    rules = [(p, qconfig.get_recipe(r, **recipe_over) if r else r)
              for p, r in rules]
+  for _, r in rules:
+    run.check(r)
   mesh = sharding.make_mesh(devices=devices)
   lowered = train_state.lower_train_step(
       cfg, rules, optim.OptimConfig(moments=a.moments), num_steps=1000,
@@ -132,8 +154,8 @@ def model_recipe(jax, devices, a, recipe: str, gpu, model,
   from fp4jax import hlo_cost, qconfig, sizes  # pylint: disable=g-import-not-at-top
   cfg = sizes.get_config(a.size)
   r = qconfig.get_recipe(recipe)
-  tail = len(qconfig.bf16_tail_blocks(cfg.n_layers, r.bf16_tail)) if (
-      r.bf16_tail) else 0
+  share = _bf16_tail(a, recipe) if r.quantizes else 0.0
+  tail = len(qconfig.bf16_tail_blocks(cfg.n_layers, share)) if share else 0
   if tail and bf16_layer is None:
     raise ValueError(f"{recipe}'s BF16 tail needs bf16 in --recipes")
   sums = []

@@ -60,7 +60,7 @@ def run(m: int, k: int, n: int, reps: int, dtype, recipes) -> dict:
   key = jax.random.key(0)
 
   steps = {name: make_step(name) for name in recipes}
-  alpha = qdot.get_recipe("fp4_paper").occ_alpha
+  alpha = qdot.get_recipe("fp4_paper").occ.alpha
   occ = jax.jit(lambda a: quant.occ_clamp(a, alpha))
   calls = dict(steps)
   args = {name: (x, w, g, key) for name in recipes}

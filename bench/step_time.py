@@ -16,6 +16,7 @@ cost as a share of N train steps (goal: <= 5% at N = 50).
 """
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -35,8 +36,10 @@ def _args(argv):
   p.add_argument("--size", default="demo", help="key of fp4jax.sizes.SIZES")
   p.add_argument("--recipes", default="bf16,fp4_paper",
                  help="comma-separated recipes, each NAME or NAME:k=v;k=v "
-                      "(get_recipe overrides, e.g. nvfp4_nvidia:rht_wgrad=0);"
-                      " ratios are vs the first")
+                      "(get_recipe overrides, e.g. nvfp4_nvidia:rht_wgrad=0; "
+                      "the run-level keys impl, accumulation, sparse_impl "
+                      "set the GEMMs' qconfig.Execution, bf16_tail the "
+                      "layer rules); ratios are vs the first")
   # Defaults are configs/demo.py's shapes.
   p.add_argument("--batch", type=int, default=8, help="global batch B")
   p.add_argument("--seq", type=int, default=64, help="sequence length T")
@@ -54,14 +57,19 @@ def _args(argv):
   return p.parse_args(argv)
 
 
-def _recipe(spec: str) -> qconfig.Recipe:
-  """NAME or NAME:k=v;k=v -> the overridden recipe."""
+def _recipe(spec: str) -> tuple[qconfig.Recipe, qconfig.Execution,
+                                 float | None]:
+  """NAME or NAME:k=v;k=v -> (the overridden recipe, how its GEMMs run,
+  its bf16_tail or None for the recipe's own), the run-level and
+  layer-level keys split off (qconfig.split_overrides)."""
   name, _, rest = spec.partition(":")
   overrides = {}
   for item in filter(None, rest.split(";")):
     k, _, v = item.partition("=")
     overrides[k] = qconfig.override_value(v)
-  return qconfig.get_recipe(name, **overrides)
+  recipe, run, layer = qconfig.split_overrides(overrides)
+  return (qconfig.get_recipe(name, **recipe), qconfig.Execution(**run),
+          layer.get("bf16_tail"))
 
 
 def main(argv=None) -> dict[str, float]:
@@ -82,9 +90,12 @@ def main(argv=None) -> dict[str, float]:
         f"jax {jax.__version__}", flush=True)
   runs = {}
   for name in recipes:
-    rules = qconfig.default_rules(_recipe(name), model_cfg.n_layers)
+    recipe, execution, tail = _recipe(name)
+    execution.check(recipe)
+    rules = qconfig.default_rules(recipe, model_cfg.n_layers, tail)
     t = train_state.make_trainer(
-        model_cfg, rules, optim_cfg, num_steps=1000, mesh=mesh,
+        dataclasses.replace(model_cfg, gemm=execution), rules, optim_cfg,
+        num_steps=1000, mesh=mesh,
         global_batch=a.batch, seq_len=a.seq, seed=0,
         telemetry_on=a.telemetry_every > 0)
     state = t.init()

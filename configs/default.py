@@ -8,6 +8,7 @@ take the value from the size table) and `optim.*` onto
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -52,6 +53,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.quant.rules = ()          # ((regex, recipe|"none"), ...); () = RECIPE §5
   c.quant.switch_back = 0.0   # last share of the steps run in BF16 (0 = off)
   c.quant.switch_back_mode = "forward"  # forward (fwd GEMMs BF16) | all
+  c.quant.bf16_tail = placeholder(float)  # last share of blocks kept BF16; unset = the recipe's own
+
+  # How the quantized GEMMs run (fp4jax.qconfig.Execution): the same numbers
+  # (up to f32 summation order, or as accumulation says), other programs.
+  c.gemm = ml_collections.ConfigDict()
+  c.gemm.impl = "auto"        # auto (reference on CPU, fast on GPU)|reference|fast|fp8|xla|pallas
+  c.gemm.accumulation = "fp32"  # FP8 GEMMs on GPU: fp32 (exact) | fast
+  c.gemm.sparse_impl = "auto"   # OCC compensation: auto | gemm | ell
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 3e-4           # peak learning rate (paper: 3e-4)

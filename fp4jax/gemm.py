@@ -2,8 +2,9 @@
 when a scaled GEMM can run on the raw grid values.
 
 Owns: `GemmImpl` and the table `IMPLS` (the one dispatch point for GEMM
-implementations, chosen by `Recipe.impl` outside jit), `resolve` ("auto"),
-and `qdot(a, b, dims, impl)`, which multiplies two `Operand`s.
+implementations, chosen by `Execution.impl` outside jit), `resolve`
+("auto"), and `scaled_dot(a, b, dims, impl)`, which multiplies two
+`Operand`s.
 
 An operand quantized as values / scale, with the scale constant along the
 GEMM's contraction (per row of the lhs, per column of the rhs, or per
@@ -32,11 +33,12 @@ import jax
 import jax.numpy as jnp
 
 from fp4jax import backend
+from fp4jax import fallback
 from fp4jax import numerics
-from fp4jax.qconfig import TensorQuant
+from fp4jax.qconfig import Execution, Recipe, TensorQuant
 
 __all__ = ["GemmImpl", "IMPLS", "Operand", "resolve", "resolve_sparse",
-           "qdot", "factors_out", "fp8_dtype"]
+           "scaled_dot", "factors_out", "fp8_dtype"]
 
 
 class GemmImpl(NamedTuple):
@@ -88,16 +90,18 @@ def resolve(name: str) -> str:
   return "reference" if backend.target() == "cpu" else "fast"
 
 
-def resolve_sparse(recipe) -> str:
-  """A Recipe's sparse_impl with "auto" resolved for the target: "ell"
-  (gathers over each token's fixed count of outliers) on a CPU, where three
-  more f32 GEMMs cost more (bench/RESULTS.md: -16% of the demo step), if
-  OCC is per-token (ELL needs a bounded count per row); else "gemm" (dense
-  GEMMs on the mostly zero residual: on a GPU they run on tensor cores)."""
-  if recipe.sparse_impl != "auto":
-    return recipe.sparse_impl
+def resolve_sparse(recipe: Recipe, run: Execution) -> str:
+  """The run's sparse_impl for a recipe, "auto" resolved for the target:
+  "ell" (gathers over each token's fixed count of outliers) on a CPU, where
+  three more f32 GEMMs cost more (bench/RESULTS.md: -16% of the demo step),
+  if OCC is per-token (ELL needs a bounded count per row); else "gemm"
+  (dense GEMMs on the mostly zero residual: on a GPU they run on tensor
+  cores)."""
+  if run.sparse_impl != "auto":
+    return run.sparse_impl
   cpu = backend.target() == "cpu"
-  return "ell" if cpu and recipe.occ_axis is not None else "gemm"
+  per_token = recipe.occ is not None and recipe.occ.axis is not None
+  return "ell" if cpu and per_token else "gemm"
 
 
 class Operand(NamedTuple):
@@ -141,6 +145,9 @@ def _grid_dtypes(fa: str, fb: str, grid: str):
   da, db = fp8_dtype(fa), fp8_dtype(fb)
   if da == db == jnp.float8_e5m2:
     # cuBLASLt rejects E5M2 x E5M2 (XLA falls back to f16); bf16 is exact.
+    if backend.target() == "gpu":
+      fallback.once("FP8 GEMM", "E5M2 x E5M2 has no FP8 tensor-core GEMM "
+                    "(cuBLASLt); it runs in bf16 (exact)")
     return jnp.bfloat16, jnp.bfloat16
   return da, db
 
@@ -184,9 +191,9 @@ def dot(a, b, dims, dtype):
                              preferred_element_type=jnp.float32)
 
 
-def qdot(a: Operand, b: Operand, dims, impl: GemmImpl, *,
-         backward: bool = False, accumulation: str = "fp32",
-         out_dtype=None) -> jax.Array:
+def scaled_dot(a: Operand, b: Operand, dims, impl: GemmImpl, *,
+               backward: bool = False, accumulation: str = "fp32",
+               out_dtype=None) -> jax.Array:
   """a @ b for 2-D operands with one contracting dim each, f32 result.
 
   Args:
@@ -268,9 +275,10 @@ def _blocked_along(op: Operand, contract: int) -> bool:
   q = op.spec
   if q is None or op.fmt is None or op.scale is None:
     return False
-  if q.tensor_scale and op.tensor_scale is None:
+  sfmt = numerics.scale_format(q.scale)
+  if sfmt.tensor_scale and op.tensor_scale is None:
     return False   # cannot split the block scales from the tensor scale
-  if (q.fmt, q.block, q.scale_fmt) not in _SCALED or q.scale_mult != 1.0:
+  if (q.fmt, q.block, sfmt.storage) not in _SCALED or q.scale_mult != 1.0:
     return False   # a 3/4 pre-scale leaves the format's scale grid
   # 2-D tiles are 1 x block runs along either axis; 1-D blocks must run
   # along the contraction.
@@ -285,11 +293,18 @@ def can_use_scaled_matmul(a: Operand, b: Operand, dims) -> bool:
   if not (_blocked_along(a, lc) and _blocked_along(b, rc)):
     return False
   ka, kb = a.spec, b.spec
-  if (ka.block, ka.scale_fmt) != (kb.block, kb.scale_fmt):
+  if (ka.block, ka.scale) != (kb.block, kb.scale):
     return False
   if a.values.shape[lc] % ka.block:
     return False
-  return _device_ok()
+  if not _device_ok():
+    if backend.target() == "gpu":
+      fallback.once("block-scaled GEMM", f"{ka.fmt} x {kb.fmt} with "
+                    f"{ka.scale} scales needs a Blackwell GPU (compute "
+                    f"capability >= {MIN_CC}) and cuDNN >= 9.7; the operands "
+                    "are multiplied dequantized instead")
+    return False
+  return True
 
 
 def scaled_matmul(a: Operand, b: Operand, dims) -> jax.Array:
@@ -305,14 +320,15 @@ def scaled_matmul(a: Operand, b: Operand, dims) -> jax.Array:
   stores it, which also keeps its unit scale from overflowing E4M3.
   """
   (lc,), (rc,) = dims[0]
-  vdt, sdt = _SCALED[(a.spec.fmt, a.spec.block, a.spec.scale_fmt)]
+  vdt, sdt = _SCALED[(a.spec.fmt, a.spec.block,
+                      numerics.scale_format(a.spec.scale).storage)]
   parts, outer = [], jnp.float32(1)
   for op, contract in ((a, lc), (b, rc)):
     v = op.values if contract == 1 else op.values.T          # [rows, K]
     decode = 1. / (op.scale if contract == 1 else op.scale.T)
     blk = op.spec.block
     decode = decode[:, ::blk]
-    if op.spec.tensor_scale:
+    if numerics.scale_format(op.spec.scale).tensor_scale:
       ts = jnp.asarray(op.tensor_scale, jnp.float32).reshape(())
       decode, outer = decode / ts, outer * ts
     if sdt == jnp.float8_e4m3fn:   # E8M0 has no zero (nor any overflow)

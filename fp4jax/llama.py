@@ -131,6 +131,9 @@ class LlamaConfig:
       the unrolled model holding the same parameters. Per-layer recipe
       rules are refused under it. Checkpoints and HF exports move between
       the layouts (`recast`, `hf`).
+    gemm: how the quantized projections' GEMMs run (`qconfig.Execution`:
+      impl, accumulation, sparse_impl), like `attention` a choice of the
+      run, not of the model (config section `gemm`).
   """
   vocab_size: int
   d_model: int
@@ -147,6 +150,7 @@ class LlamaConfig:
   attention: str = "auto"
   remat: str = "none"
   scan_layers: bool = False
+  gemm: qconfig.Execution = qconfig.Execution()
 
   def __post_init__(self):
     if self.attention not in ATTENTIONS:
@@ -155,6 +159,9 @@ class LlamaConfig:
     if self.remat not in REMATS:
       raise ValueError(f"LlamaConfig.remat must be one of {REMATS}, "
                        f"got {self.remat!r}")
+    if not isinstance(self.gemm, qconfig.Execution):
+      raise ValueError(f"LlamaConfig.gemm must be a qconfig.Execution, got "
+                       f"{self.gemm!r}")
     if not isinstance(self.scan_layers, bool):
       raise ValueError(f"LlamaConfig.scan_layers must be a bool, got "
                        f"{self.scan_layers!r}")
@@ -208,8 +215,8 @@ def path_id(path: str) -> int:
 
 
 def qdense(x: jax.Array, kernel: jax.Array, recipe, key: jax.Array | None,
-           pid: int, out_dtype, path: str = "", pack: bool = False
-           ) -> jax.Array:
+           pid: int, out_dtype, path: str = "", pack: bool = False,
+           execution: qconfig.Execution | None = None) -> jax.Array:
   """The quantization seam: x @ kernel per `recipe`.
 
   Args:
@@ -223,6 +230,7 @@ def qdense(x: jax.Array, kernel: jax.Array, recipe, key: jax.Array | None,
     path: the projection's path, for an active `telemetry.Probe`.
     pack: keep the backward's view of x packed and named for remat
       "quantized" (`qdot.qmatmul`'s pack_residuals).
+    execution: how its GEMMs run (LlamaConfig.gemm).
 
   Returns:
     [..., N] in out_dtype.
@@ -233,7 +241,7 @@ def qdense(x: jax.Array, kernel: jax.Array, recipe, key: jax.Array | None,
   # f32 accumulation, one rounding to out_dtype (plain matmul when the
   # recipe is None or does not quantize).
   y = qdot.qmatmul(x2d, kernel, recipe, k, out_dtype=out_dtype,
-                   pack_residuals=pack)
+                   pack_residuals=pack, execution=execution)
   probe = telemetry.active()
   if probe is not None:
     y = probe.observe(path, x2d, kernel, y, recipe)
@@ -260,6 +268,7 @@ class QDense(nnx.Module):
     self.compute_dtype = cfg.compute_dtype
     self.out_dtype = out_dtype or cfg.compute_dtype
     self.pack = cfg.remat == "quantized"
+    self.execution = cfg.gemm
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None
                ) -> jax.Array:
@@ -276,7 +285,7 @@ class QDense(nnx.Module):
       pid = pids[suffix]
       path = path if prefix is None else f"{prefix}.{suffix}"
     return qdense(x.astype(self.compute_dtype), kernel, self.recipe, key,
-                  pid, self.out_dtype, path, self.pack)
+                  pid, self.out_dtype, path, self.pack, self.execution)
 
 
 class RMSNorm(nnx.Module):
@@ -666,5 +675,5 @@ class Llama(nnx.Module):
     if cfg.tie_embeddings:
       kernel = self.embed[...].astype(cfg.compute_dtype).T
       return qdense(x, kernel, self.lm_recipe, key, self.lm_pid, jnp.float32,
-                    pack=cfg.remat == "quantized")
+                    pack=cfg.remat == "quantized", execution=cfg.gemm)
     return self.lm_head(x, key)

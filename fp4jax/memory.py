@@ -91,34 +91,40 @@ def _scale_bytes(q: qconfig.TensorQuant, k: int) -> float:
   return 4 if q.axis is not None and q.axis % 2 == 1 else 0
 
 
-def _resid_bytes(r: qconfig.Recipe, k: int) -> float:
+def _resid_bytes(r: qconfig.Recipe, k: int, run: qconfig.Execution
+                 ) -> float:
   """One row of the OCC residual as the packed residuals keep it."""
-  if r.occ_axis is None:
+  if r.occ.axis is None:
     return 4 * k
-  # compensation.Ell: int32 column and f32 value per slot. (The ELL
+  # compensation.Ell: int32 column and f32 value per slot. The ELL
   # products, sparse_impl "ell", keep the slots OCC's top_k found, two more
-  # per row; a plan is an accelerator's, where "auto" is the dense GEMM.)
-  return 8 * compensation.capacity(k, r.occ_alpha)
+  # per row (quant.occ_clamp_tails); a plan is an accelerator's, where
+  # "auto" is the dense GEMM.
+  extra = 2 if (run.sparse_impl == "ell"
+                and r.effective_compensation == "sparse") else 0
+  return 8 * (compensation.capacity(k, r.occ.alpha) + extra)
 
 
-def _packed_bytes(r: qconfig.Recipe, k: int, c: int) -> float:
+def _packed_bytes(r: qconfig.Recipe, k: int, c: int,
+                  run: qconfig.Execution) -> float:
   """Bytes per token remat "quantized" keeps of a projection with input
   width k (qdot's _pack_residuals)."""
   comp = r.effective_compensation
-  reuse = not r.hw_faithful
-  if ((reuse or r.requant_quantized) and r.x is not None
+  reuse = not r.requantizes
+  if ((reuse or r.requant_from == "quantized") and r.x is not None
       and numerics.get_format(r.x.fmt).is_fp4):
     b = math.ceil(k / 2) + _scale_bytes(r.x, k)
     if reuse and comp == "dense":
-      b += _resid_bytes(r, k)
+      b += _resid_bytes(r, k, run)
   else:
     b = c * k
   if comp == "sparse" or (comp == "dense" and not reuse):
-    b += _resid_bytes(r, k)
+    b += _resid_bytes(r, k, run)
   return b
 
 
-def _dot_bytes(r: qconfig.Recipe | None, cfg: llama.LlamaConfig) -> float:
+def _dot_bytes(r: qconfig.Recipe | None, cfg: llama.LlamaConfig,
+               run: qconfig.Execution) -> float:
   """f32 dot outputs per token of a block's projections (remat "dots")."""
   b = 0
   for k, n, name in _projections(cfg):
@@ -126,10 +132,10 @@ def _dot_bytes(r: qconfig.Recipe | None, cfg: llama.LlamaConfig) -> float:
       continue    # down's output meets only the residual add: not needed
     b += 4 * n
     if (r is not None and r.effective_compensation == "sparse"
-        and r.sparse_impl != "ell"):
+        and run.sparse_impl != "ell"):
       # (a plan is for an accelerator, where "auto" is the dense GEMM)
       b += 4 * n          # R W through a dense GEMM
-  if r is not None and r.rht_fwd:
+  if r is not None and r.fwd.rht:
     # The rotation of X is a dot too, one per distinct input (see
     # _distinct_inputs).
     b += sum(4 * k for k in _distinct_inputs(r, cfg))
@@ -152,7 +158,8 @@ def _distinct_inputs(r: qconfig.Recipe, cfg: llama.LlamaConfig
 
 def activation_bytes_per_token(cfg: llama.LlamaConfig, seq_len: int,
                                quantized: bool, remat: str | None = None,
-                               recipe: qconfig.Recipe | str | None = None
+                               recipe: qconfig.Recipe | str | None = None,
+                               execution: qconfig.Execution | None = None
                                ) -> float:
   """Bytes of saved activations per token of a device's micro-batch.
 
@@ -165,6 +172,8 @@ def activation_bytes_per_token(cfg: llama.LlamaConfig, seq_len: int,
     recipe: the block projections' recipe where `quantized`, for the
       policies whose bytes depend on it ("dots", "dots_no_batch",
       "quantized"); default DEFAULT_RECIPE. Ignored otherwise.
+    execution: how its GEMMs run (sparse_impl "ell" keeps what the ELL
+      products read); default Execution(), planned as on an accelerator.
 
   Returns:
     Bytes per token, all layers and the head (see the module docstring).
@@ -175,6 +184,7 @@ def activation_bytes_per_token(cfg: llama.LlamaConfig, seq_len: int,
   if isinstance(recipe, str) or (recipe is None and quantized):
     recipe = qconfig.get_recipe(recipe or DEFAULT_RECIPE)
   r = recipe if quantized and recipe.quantizes else None
+  run = qconfig.Execution() if execution is None else execution
   c = jnp.dtype(cfg.compute_dtype).itemsize
   d, f = cfg.d_model, cfg.d_ff
   kv = cfg.n_kv_heads * cfg.head_dim
@@ -190,11 +200,12 @@ def activation_bytes_per_token(cfg: llama.LlamaConfig, seq_len: int,
     return cfg.n_layers * per_layer + head
   per_layer = c * d                          # the block's input
   if remat in ("dots", "dots_no_batch"):
-    per_layer += _dot_bytes(r, cfg)
+    per_layer += _dot_bytes(r, cfg, run)
     if remat == "dots" and xla_attention:
       per_layer += 4 * cfg.n_heads * seq_len + 4 * cfg.n_heads * cfg.head_dim
   elif remat == "quantized" and r is not None:
-    per_layer += sum(_packed_bytes(r, k, c) for k in _distinct_inputs(r, cfg))
+    per_layer += sum(_packed_bytes(r, k, c, run)
+                     for k in _distinct_inputs(r, cfg))
   return cfg.n_layers * per_layer + head
 
 

@@ -5,7 +5,9 @@ E5M2, their maxima, and rounding onto them: "paper" (the released CUDA
 look-up table: thresholds at midpoints, ties go up toward +inf, saturate),
 "rne" (round half to even on magnitudes, what ml_dtypes casts do) and
 "stochastic" (unbiased, explicit PRNG key). Also the saturating FP8 cast,
-the E8M0 / E4M3 block-scale casts, and exact power-of-two scales
+the one table of scale formats (`SCALE_FORMATS`: f32, power of two, E8M0
+down / up, E4M3 with or without a tensor scale) and their casts, and exact
+power-of-two scales
 (`pow2_scale`: exponent by frexp, power by ldexp), which every module that
 makes such a scale uses.
 
@@ -327,23 +329,84 @@ def pow2_scale(num: jax.Array, den: jax.Array | float = 1.0, *,
   return jnp.where(ok, exp2_int(e), jnp.float32(1))
 
 
-def cast_scale(s: jax.Array, scale_fmt: str) -> jax.Array:
+def cast_scale(s: jax.Array, storage: str) -> jax.Array:
   """Rounds a positive f32 decode scale to its storage format.
 
   "f32": unchanged. "e8m0": a power of two, 2**floor(log2(s)) (the OCP MX
   rule for the shared exponent; s below the smallest normal f32 gives 1,
-  see `pow2_scale`). "e4m3": the saturating FP8 E4M3 cast (NVFP4).
+  see `pow2_scale`). An FP8 format name ("e4m3", "e5m2"): the saturating
+  cast (NVFP4's E4M3 block scales).
   """
-  if scale_fmt == "f32":
+  if storage == "f32":
     return s
-  if scale_fmt == "e8m0":
+  if storage == "e8m0":
     # E8M0 reaches down to 2**-127, an f32 subnormal: the f32 values of
     # its range are 2**-126 .. 2**127.
     return pow2_scale(s)
-  if scale_fmt == "e4m3":
-    return round_to_float(s, "e4m3")
-  raise ValueError(
-      f"unknown scale_fmt {scale_fmt!r}; expected 'f32', 'e8m0' or 'e4m3'")
+  if storage in FLOAT_BITS:
+    return round_to_float(s, storage)
+  raise ValueError(f"unknown scale storage {storage!r}; expected 'f32', "
+                   f"'e8m0' or one of {sorted(FLOAT_BITS)}")
+
+
+# ---------------------------------------------------------- scale formats
+@dataclasses.dataclass(frozen=True)
+class ScaleFormat:
+  """How the scales of one scaling group are made and stored.
+
+  Attributes:
+    storage: the decode scale's storage: "f32", "e8m0" (a power of two,
+      OCP MX) or an FP8 format name (`cast_scale`).
+    pow2: the f32 scale floored to a power of two, sf = 2**floor(log2(max /
+      amax)) (the paper's released code); implied by "e8m0" storage.
+    round_up: E8M0 only: the exponent rounded up, so that no element
+      saturates (Mishra et al. 2506.08027), instead of OCP's floor.
+    tensor_scale: a second level, one f32 scale per tensor that keeps the
+      FP8 block scales in range (NVFP4).
+    bits: bits one stored scale takes (memory plans).
+  """
+  storage: str
+  pow2: bool = False
+  round_up: bool = False
+  tensor_scale: bool = False
+  bits: int = 32
+
+  def __post_init__(self):
+    if self.storage not in ("f32", "e8m0") and self.storage not in FLOAT_BITS:
+      raise ValueError(f"ScaleFormat.storage must be 'f32', 'e8m0' or an FP8 "
+                       f"format, got {self.storage!r}")
+    if self.round_up and self.storage != "e8m0":
+      raise ValueError("ScaleFormat.round_up needs E8M0 storage")
+    if self.tensor_scale and self.storage in ("f32", "e8m0"):
+      raise ValueError("ScaleFormat.tensor_scale is the second level of FP8 "
+                       "block scales")
+
+
+# The one table of scale formats: an operand spec names one of these
+# (`qconfig.TensorQuant.scale`); a new one is an entry here.
+SCALE_FORMATS: dict[str, ScaleFormat] = {
+    # The paper: sf = max / amax in f32.
+    "f32": ScaleFormat("f32"),
+    # The released code: sf floored to a power of two, kept in f32.
+    "pow2": ScaleFormat("f32", pow2=True),
+    # OCP MX: a shared power-of-two exponent, amax in the top binade.
+    "e8m0": ScaleFormat("e8m0", pow2=True, bits=8),
+    # MX with the exponent rounded up: nothing saturates (Mishra et al.).
+    "e8m0_up": ScaleFormat("e8m0", pow2=True, round_up=True, bits=8),
+    # FP8 E4M3 block scales alone.
+    "e4m3": ScaleFormat("e4m3", bits=8),
+    # NVFP4: E4M3 block scales under one f32 scale per tensor.
+    "e4m3_tensor": ScaleFormat("e4m3", tensor_scale=True, bits=8),
+}
+
+
+def scale_format(name: str) -> ScaleFormat:
+  """The SCALE_FORMATS entry `name`; ValueError naming the known ones."""
+  try:
+    return SCALE_FORMATS[name]
+  except (KeyError, TypeError):
+    raise ValueError(f"unknown scale format {name!r}; expected one of "
+                     f"{sorted(SCALE_FORMATS)}") from None
 
 
 # ------------------------------------------------------------ FP4 codes

@@ -60,10 +60,12 @@ QUEST_CLIP = 2.92247856
 def nvfp4_tensor_scale(tensor_amax: jax.Array, q: TensorQuant) -> jax.Array:
   """NVFP4's second level: the f32 decode scale of the whole tensor, ts =
   amax / (max * 448), which maps the largest block decode scale to the top
-  of E4M3's range so block scales neither overflow nor flush; 1 where the
-  tensor's amax is 0 or not finite. f32 [] (or keepdims, as tensor_amax)."""
+  of the block scales' range (E4M3: 448) so they neither overflow nor
+  flush; 1 where the tensor's amax is 0 or not finite. f32 [] (or
+  keepdims, as tensor_amax)."""
   f = numerics.get_format(q.fmt)
-  ts = tensor_amax.astype(jnp.float32) / (f.max * 448.)
+  top = numerics.get_format(numerics.scale_format(q.scale).storage).max
+  ts = tensor_amax.astype(jnp.float32) / (f.max * top)
   return jnp.where(jnp.isfinite(ts) & (ts > 0), ts, 1.)
 
 
@@ -78,17 +80,18 @@ def scale_from_amax(amax: jax.Array, q: TensorQuant,
   stores it (`quantize` keeps scale 1 in the QTensor for such blocks).
   """
   f = numerics.get_format(q.fmt)
+  sfmt = numerics.scale_format(q.scale)
   amax = amax.astype(jnp.float32)
   if q.scale_rule == "quest":
     amax = amax * QUEST_CLIP      # the value that maps to the format's max
-  if q.scale_fmt == "e8m0":
+  if sfmt.storage == "e8m0":
     # The decode scale is X = 2**E and sf = 2**-E: -floor(log2 r) =
     # ceil(log2(1 / r)), so sf comes from the exact helper on the inverse
     # ratio, rounded the other way. sf's exponents [-126, 127] are E in
     # [-127, 126]: all of E8M0's but 2**127, whose sf would be an f32
     # subnormal (only an E1M2 round-up scale of an amax above 3.5 * 2**126
     # would need it; it gets 2**126 and saturates).
-    if q.e8m0_round_up:
+    if sfmt.round_up:
       # Mishra et al.: the smallest power of two that keeps amax <= max,
       # E = ceil(log2(amax / max)).
       sf = numerics.pow2_scale(f.max, amax)
@@ -99,9 +102,10 @@ def scale_from_amax(amax: jax.Array, q: TensorQuant,
       # OCP MX: the shared exponent puts amax in the element format's top
       # binade, E = floor(log2 amax) - emax; elements above max saturate.
       sf = numerics.pow2_scale(2.**f.emax, amax, ceil=True)
-  elif q.scale_fmt == "e4m3":
-    ts = nvfp4_tensor_scale(tensor_amax, q) if q.tensor_scale else 1.
-    block = numerics.cast_scale(amax / f.max / ts, "e4m3")
+  elif sfmt.storage != "f32":
+    # FP8 block scales (NVFP4's E4M3), under a tensor scale if any.
+    ts = nvfp4_tensor_scale(tensor_amax, q) if sfmt.tensor_scale else 1.
+    block = numerics.cast_scale(amax / f.max / ts, sfmt.storage)
     sf = jnp.where(block == 0, 0., _safe_ratio(1., block * ts))
   else:
     # The paper's sf = max / amax, as one division by the statistic. Written
@@ -110,9 +114,9 @@ def scale_from_amax(amax: jax.Array, q: TensorQuant,
     # another (jax 0.12: the Pallas interpret kernel did, plain jit did
     # not), giving the same group scales one ulp apart.
     sf = _safe_ratio(float(f.max), amax)
-  if q.pow2:
+  if sfmt.pow2 and sfmt.storage != "e8m0":
     # Released code: sf = 2**floor(log2(max / amax)), of the exact ratio.
-    sf = (numerics.pow2_scale(f.max, amax) if q.scale_fmt == "f32"
+    sf = (numerics.pow2_scale(f.max, amax) if sfmt.storage == "f32"
           else jnp.where(sf == 0, 0., numerics.pow2_scale(sf)))
   if q.scale_mult != 1.0:
     sf = sf * jnp.float32(q.scale_mult)
@@ -138,7 +142,8 @@ def compute_scale(x: jax.Array, q: TensorQuant, axis="spec") -> jax.Array:
   """
   x32 = x.astype(jnp.float32)
   axis = _norm_axis(q.axis if axis == "spec" else axis, x.ndim)
-  tensor_amax = jnp.max(jnp.abs(x32)) if q.tensor_scale else None
+  tensor_amax = (jnp.max(jnp.abs(x32))
+                 if numerics.scale_format(q.scale).tensor_scale else None)
   if q.block_2d:
     return _tile_scale(x32, q, tensor_amax)
   if axis is None:
@@ -181,8 +186,8 @@ def quantize(x: jax.Array, q: TensorQuant, key: jax.Array | None = None,
   x32 = x.astype(jnp.float32)
   sf = compute_scale(x32, q, axis)
   values = numerics.round_to_format(x32 * sf, q.fmt, q.rounding, key)
-  ts = (nvfp4_tensor_scale(jnp.max(jnp.abs(x32)), q) if q.tensor_scale
-        else None)
+  ts = (nvfp4_tensor_scale(jnp.max(jnp.abs(x32)), q)
+        if numerics.scale_format(q.scale).tensor_scale else None)
   # sf = 0 (a flushed decode scale) rounded every value of its group to 0;
   # scale 1 keeps values / scale finite.
   return QTensor(values, jnp.where(sf == 0, 1., sf), ts)
@@ -202,8 +207,8 @@ def _fake_quant_value(x, fmt, axis, pow2, mode, block, key):
     out = _fake_quant_value(flat, fmt, -1, pow2, mode, block, key)
     out = out.reshape(xt.shape)
     return jnp.transpose(out, np.argsort(perm))
-  q = TensorQuant(fmt=fmt, axis=None if axis is None else -1, pow2=pow2,
-                  rounding=mode, block=block)
+  q = TensorQuant(fmt=fmt, axis=None if axis is None else -1,
+                  scale="pow2" if pow2 else "f32", rounding=mode, block=block)
   return quantize(x, q, key, axis=axis).dequantize(x.dtype)
 
 

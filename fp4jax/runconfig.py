@@ -1,8 +1,8 @@
 """The run's config, translated once: ConfigDict in, plain values out.
 
 Owns: turning the ConfigDict's sections into what the library takes
-(`model_config` -> LlamaConfig, `quant_rules` -> layer rules and the main
-recipe, `switch_back_step` / `switched_rules` / `rules_at_step` for
+(`model_config` -> LlamaConfig, `gemm_execution` -> its GEMMs' execution,
+`quant_rules` -> layer rules and the main recipe, `switch_back_step` / `switched_rules` / `rules_at_step` for
 quant.switch_back, `optim.OptimConfig`), the checks of the loop's own keys
 (`check_loop_keys`, `profile_steps`) and the model's run identity
 (`model_identity`: what a workdir's checkpoints are bound to). `translate`
@@ -29,7 +29,7 @@ from fp4jax import sizes
 # computes: changing them between starts of one run is legitimate (a new
 # cluster wants another remat policy or attention kernel), so they are not
 # part of the identity a workdir's checkpoints are bound to.
-EXECUTION_FIELDS = ("attention", "remat", "scan_layers")
+EXECUTION_FIELDS = ("attention", "remat", "scan_layers", "gemm")
 
 
 def model_identity(model_cfg: llama.LlamaConfig) -> dict[str, Any]:
@@ -39,7 +39,8 @@ def model_identity(model_cfg: llama.LlamaConfig) -> dict[str, Any]:
           if k not in EXECUTION_FIELDS}
 
 
-def model_config(model: Mapping[str, Any], data_vocab: int
+def model_config(model: Mapping[str, Any], data_vocab: int,
+                 gemm: qconfig.Execution | None = None
                  ) -> llama.LlamaConfig:
   """LlamaConfig from the `model` section: size table + non-zero overrides.
 
@@ -47,6 +48,7 @@ def model_config(model: Mapping[str, Any], data_vocab: int
     model: the `model` config section (size + LlamaConfig fields, where 0
       means "from the size table" and vocab_size 0 means "from the data").
     data_vocab: the input pipeline's vocabulary size.
+    gemm: the GEMMs' execution (`gemm_execution`); default Execution().
 
   Raises:
     ValueError: unknown size, invalid field, or a vocabulary smaller than
@@ -57,12 +59,14 @@ def model_config(model: Mapping[str, Any], data_vocab: int
   for key, value in model.items():
     if key == "size":
       continue
-    if key not in fields:
+    if key not in fields or key == "gemm":
       raise ValueError(f"model.{key} is not a LlamaConfig field")
     unset = (not isinstance(value, bool) and isinstance(value, (int, float))
              and value == 0)
     if not unset:
       overrides[key] = value
+  if gemm is not None:
+    overrides["gemm"] = gemm
   if "vocab_size" not in overrides:
     overrides["vocab_size"] = data_vocab
   elif overrides["vocab_size"] < data_vocab:
@@ -71,28 +75,90 @@ def model_config(model: Mapping[str, Any], data_vocab: int
   return sizes.get_config(model["size"], **overrides)
 
 
+def _split(quant: Mapping[str, Any]):
+  """quant.overrides as (recipe, Execution, layer-rule) keys."""
+  overrides = quant.get("overrides") or {}
+  if not hasattr(overrides, "items"):     # a dict or a ConfigDict
+    raise ValueError(f"quant.overrides must be a dict of recipe overrides, "
+                     f"got {overrides!r}")
+  return qconfig.split_overrides(dict(overrides.items()))
+
+
+def gemm_execution(config) -> qconfig.Execution:
+  """The `gemm` section as a qconfig.Execution; the earlier spelling, run
+  keys in quant.overrides ({'impl': 'xla'}), still counts, where the
+  section leaves that field at its default.
+
+  Raises:
+    ValueError: an unknown key or value, or one field set both ways to
+      different values.
+  """
+  section = dict(config.get("gemm") or {})
+  fields = {f.name for f in dataclasses.fields(qconfig.Execution)}
+  unknown = sorted(set(section) - fields)
+  if unknown:
+    raise ValueError(f"gemm.{unknown[0]} is not a gemm key; expected one of "
+                     f"{sorted(fields)}")
+  default = qconfig.Execution()
+  _, run, _ = _split(config.quant)
+  for key, value in run.items():
+    if section.get(key, getattr(default, key)) not in (
+        getattr(default, key), value):
+      raise ValueError(f"gemm.{key}={section[key]!r} and quant.overrides "
+                       f"{key}={value!r} disagree; set gemm.{key} only")
+    section[key] = value
+  try:
+    return qconfig.Execution(**section)
+  except ValueError as e:
+    raise ValueError(f"gemm: {e}") from None
+
+
+def bf16_tail(quant: Mapping[str, Any]) -> float:
+  """The share of the last decoder blocks kept BF16: quant.bf16_tail, or
+  the earlier override key, else the named recipe's own (BF16_TAILS)."""
+  _, _, layer = _split(quant)
+  share = quant.get("bf16_tail")
+  if "bf16_tail" in layer:
+    if share is not None and share != layer["bf16_tail"]:
+      raise ValueError(f"quant.bf16_tail={share!r} and quant.overrides "
+                       f"bf16_tail={layer['bf16_tail']!r} disagree; set "
+                       "quant.bf16_tail only")
+    share = layer["bf16_tail"]
+  if share is None:
+    return qconfig.default_bf16_tail(quant["recipe"])
+  if (isinstance(share, bool) or not isinstance(share, (int, float))
+      or not 0 <= share < 1):
+    raise ValueError(f"quant.bf16_tail must be a share in [0, 1) (or None: "
+                     f"the recipe's own), got {share!r}")
+  return float(share)
+
+
 def quant_rules(quant: Mapping[str, Any], n_layers: int | None = None
                 ) -> tuple[tuple[tuple[str, Any], ...], qconfig.Recipe]:
   """(rules for llama.Llama, the main recipe) from the `quant` section.
 
-  quant.overrides modify quant.recipe; quant.rules name recipes by RECIPES
-  key ("none" = plain), and a rule naming quant.recipe gets the overridden
-  one. Empty rules = `qconfig.default_rules(recipe, n_layers)` (RECIPE §5,
-  plus the recipe's bf16_tail blocks kept plain).
+  quant.overrides modify quant.recipe (the run-level and layer-level keys
+  among them aside: `gemm_execution`, `bf16_tail`); quant.rules name
+  recipes by RECIPES key ("none" = plain), and a rule naming quant.recipe
+  gets the overridden one. Empty rules = RECIPE §5's
+  (`qconfig.default_rules`). The BF16 tail's rule (`bf16_tail`) goes
+  first either way.
 
   Raises:
     ValueError: unknown recipe, override, or malformed rule.
   """
+  recipe_over, _, _ = _split(quant)
   try:
-    recipe = qdot.get_recipe(quant["recipe"], **dict(quant["overrides"]))
+    recipe = qdot.get_recipe(quant["recipe"], **recipe_over)
   except ValueError as e:
-    if not quant["overrides"]:
+    if not recipe_over:
       raise
     raise ValueError(f"quant.overrides={dict(quant['overrides'])!r} on "
                      f"recipe {quant['recipe']!r}: {e}") from None
+  tail = qconfig.tail_rules(n_layers, bf16_tail(quant))
   if not quant["rules"]:
-    return tuple(qconfig.default_rules(recipe, n_layers)), recipe
-  rules = []
+    return tail + qconfig.default_rules(recipe, n_layers, 0.0), recipe
+  rules = list(tail)
   for rule in quant["rules"]:
     if len(rule) != 2 or not all(isinstance(r, str) for r in rule):
       raise ValueError(f"quant.rules entries must be (regex, recipe name) "
@@ -139,10 +205,7 @@ def switched_rules(rules, mode: str):
     if recipe is None or mode == "all":
       out.append((pattern, None))
       continue
-    out.append((pattern, dataclasses.replace(
-        recipe, name=f"{recipe.name}+bf16_forward", x=None, w=None,
-        occ_alpha=None, compensation=None, dge_k=None, rht_fwd=0,
-        clip_mask=False)))
+    out.append((pattern, qconfig.bf16_forward(recipe)))
   return tuple(out)
 
 
@@ -273,8 +336,11 @@ def translate(config) -> Run:
   # Every text source's tokenizer has exactly data.vocab_size pieces (a
   # trained one by construction, a given one is checked), and synthetic
   # tokens use it too: the model is built and checked before the data.
-  model_cfg = model_config(config.model.to_dict(), config.data.vocab_size)
+  model_cfg = model_config(config.model.to_dict(), config.data.vocab_size,
+                           gemm_execution(config))
   rules, recipe = quant_rules(config.quant, model_cfg.n_layers)
+  for _, r in rules:
+    model_cfg.gemm.check(r)
   late_step = switch_back_step(config.quant, num_steps)
   late_rules = (None if late_step is None else
                 switched_rules(rules, config.quant.switch_back_mode))

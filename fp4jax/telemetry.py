@@ -84,8 +84,8 @@ def activation_stats(x: jax.Array, r: Recipe) -> dict[str, jax.Array]:
   the error is that of the whole x path (clamp + quantize + the residual,
   if the recipe compensates) against the unclamped x; plus clamp_frac."""
   x32 = x.astype(jnp.float32)
-  if r.occ_alpha is not None:
-    xc, resid = quant.occ_clamp(x32, r.occ_alpha, r.occ_axis)
+  if r.occ is not None:
+    xc, resid = quant.occ_clamp(x32, r.occ.alpha, r.occ.axis)
   else:
     xc, resid = x32, jnp.zeros_like(x32)
   qt = _quantize(xc, r.x)
@@ -103,8 +103,9 @@ def weight_stats(w: jax.Array, r: Recipe) -> dict[str, jax.Array]:
   w32 = w.astype(jnp.float32)
   qt = _quantize(w32, r.w)
   out = _error_stats(w32, qt.dequantize(), w32, qt, r.w)
-  if r.dge_k is not None and numerics.get_format(r.w.fmt).is_fp4:
-    f = quant.dge_derivative(w32 * qt.scale, r.dge_k, r.dge_cap, r.w.fmt)
+  if r.dge is not None:
+    # (a Recipe holds DGE only on an FP4 weight)
+    f = quant.dge_derivative(w32 * qt.scale, r.dge.k, r.dge.cap, r.w.fmt)
     out["dge_mean"] = jnp.mean(f)
     # Adam divides by sqrt(E[(g f')^2]): E[f'] / sqrt(E[f'^2]) is the shrink
     # of its step if f' and g were independent.

@@ -395,17 +395,22 @@ def _weight_blocks(table: Mapping[str, Any], model_cfg: llama.LlamaConfig
   """{kernel path: {dim: block}} of the block-scaled weight operands of a
   `layer_table`.
 
-  The forward scales w [K, N] along its `axis`; hardware-faithful recipes
-  re-scale it along N for dgrad too. A stacked kernel [L, K, N] has them
-  one dim later.
+  The forward scales w [K, N] along its `axis`; a re-quantizing backward
+  scales it again for dgrad as its own spec says (along N). A stacked
+  kernel [L, K, N] has them one dim later.
   """
   out = {}
   for path, r in table.items():
-    if r is None or r.w is None or not r.w.block:
+    if r is None:
       continue
-    dims = {r.w.axis % 2: r.w.block}
-    if r.hw_faithful:
-      dims[1] = r.w.block
+    specs = [q for q in (r.w, r.dgrad.rhs)
+             if isinstance(q, qconfig.TensorQuant) and q.block]
+    if not specs:
+      continue
+    dims = {}
+    for q in specs:
+      for d in ((0, 1) if q.block_2d else (q.axis % 2,)):
+        dims[d] = q.block
     where = param_path(path, model_cfg)
     lead = int(where != path)
     out[f"{where}.kernel"] = {d + lead: b for d, b in dims.items()}

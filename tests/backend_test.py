@@ -22,11 +22,12 @@ from fp4jax import sharding
 M, K, N = 64, 128, 96
 
 
-def _hlo(recipe, platform: str, grads: bool = True) -> str:
+def _hlo(recipe, platform: str, grads: bool = True,
+         execution: qconfig.Execution | None = None) -> str:
   """StableHLO of qmatmul's forward (and both gradients) for CUDA."""
   def f(x, w):
-    return qdot.qmatmul(x, w, recipe, key=jax.random.key(0)).astype(
-        jnp.float32).sum()
+    return qdot.qmatmul(x, w, recipe, key=jax.random.key(0),
+                        execution=execution).astype(jnp.float32).sum()
 
   fn = jax.grad(f, argnums=(0, 1)) if grads else f
   x = jax.ShapeDtypeStruct((M, K), jnp.bfloat16)
@@ -74,24 +75,27 @@ def test_a_mesh_context_targets_its_devices():
 
 
 def test_the_gpu_target_lowers_fp8_grid_gemms_with_f32_accumulation():
-  recipe = dataclasses.replace(qconfig.get_recipe("fp4_paper"), impl="xla")
-  gpu = _dots(_hlo(recipe, "gpu", grads=False))
+  recipe = qconfig.get_recipe("fp4_paper")
+  xla = qconfig.Execution(impl="xla")
+  gpu = _dots(_hlo(recipe, "gpu", grads=False, execution=xla))
   assert "f8E4M3FN x f8E4M3FN -> f32" in gpu, gpu
-  cpu = _dots(_hlo(recipe, "cpu", grads=False))
+  cpu = _dots(_hlo(recipe, "cpu", grads=False, execution=xla))
   # On the CPU target FP8 dots carry no GPU algorithm (f32 accumulation is
   # what CPU FP8 dots do anyway); the grid GEMM is still the FP8 one.
   assert "f8E4M3FN x f8E4M3FN -> f32" in cpu, cpu
-  # The GPU target asks for f32 accumulation explicitly (recipe
+  # The GPU target asks for f32 accumulation explicitly (Execution
   # accumulation "fp32"; cuBLASLt's default for FP8 is its fast mode).
+  assert xla.accumulation == "fp32"
   fp8 = "lhs_precision_type = f8E4M3FN, rhs_precision_type = f8E4M3FN, "
   fp8 += "accumulation_type = f32"
-  assert fp8 in _hlo(recipe, "gpu", grads=False)
-  assert "accumulation_type" not in _hlo(recipe, "cpu", grads=False)
+  assert fp8 in _hlo(recipe, "gpu", grads=False, execution=xla)
+  assert "accumulation_type" not in _hlo(recipe, "cpu", grads=False,
+                                         execution=xla)
 
 
 def test_impl_auto_is_the_fast_program_on_the_gpu_target():
   recipe = qconfig.get_recipe("fp4_paper")
-  assert recipe.impl == "auto"
+  assert qconfig.Execution().impl == "auto"
   gpu = _dots(_hlo(recipe, "gpu"))
   cpu = _dots(_hlo(recipe, "cpu"))
   # auto = "fast" (bf16 GEMMs) for a GPU, "reference" (f32) for the CPU.
@@ -112,9 +116,9 @@ def _train_step_hlo(recipe: str, impl: str, **fields) -> str:
   GPU target (XLA attention: cuDNN's needs the GPU plugin to trace)."""
   from fp4jax import optim, sizes, train_state  # pylint: disable=g-import-not-at-top
   cfg = dataclasses.replace(sizes.get_config("tiny"), n_layers=1,
-                            attention="xla", compute_dtype="bfloat16")
-  rules = [(p, dataclasses.replace(r, impl=impl, **fields) if r else r)
-           for p, r in qconfig.default_rules(recipe)]
+                            attention="xla", compute_dtype="bfloat16",
+                            gemm=qconfig.Execution(impl=impl, **fields))
+  rules = qconfig.default_rules(recipe)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   return train_state.lower_train_step(
       cfg, rules, optim.OptimConfig(), num_steps=10, mesh=mesh,

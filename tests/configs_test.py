@@ -18,6 +18,7 @@ import pytest
 from configs import default
 from fp4jax import llama
 from fp4jax import optim
+from fp4jax import qconfig
 from fp4jax import runconfig
 from fp4jax import train
 import harness
@@ -62,7 +63,11 @@ def test_every_default_key_has_a_comment():
 def test_default_sections_equal_the_dataclass_fields():
   cfg = default.get_config()
   fields = {f.name for f in dataclasses.fields(llama.LlamaConfig)}
-  assert set(cfg.model) == fields | {"size"}
+  # LlamaConfig.gemm (how the GEMMs run) has its own section, `gemm`.
+  assert set(cfg.model) == (fields - {"gemm"}) | {"size"}
+  assert set(cfg.gemm) == {f.name for f in dataclasses.fields(
+      qconfig.Execution)}
+  qconfig.Execution(**cfg.gemm.to_dict())    # the defaults are valid
   assert set(cfg.optim) == {f.name for f in dataclasses.fields(
       optim.OptimConfig)}
   optim.OptimConfig(**cfg.optim.to_dict())   # the defaults are valid

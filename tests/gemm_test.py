@@ -51,7 +51,7 @@ def _rel(got, want):
 @pytest.mark.parametrize("impl", ["reference", "xla"])
 def test_grid_gemm_with_scales_after_the_dot_is_exact(dims, sa, sb, impl):
   a, b = _quantized(*sa, 0), _quantized(*sb, 1)
-  y = gemm.qdot(a, b, dims, gemm.IMPLS[impl], backward=True)
+  y = gemm.scaled_dot(a, b, dims, gemm.IMPLS[impl], backward=True)
   (lc,), (rc,) = dims[0]
   want = np.tensordot(_f64(a), _f64(b), axes=(lc, rc))
   assert _rel(y, want) < F32_RTOL
@@ -76,10 +76,10 @@ def test_scales_along_the_contraction_take_the_dequantized_path():
   # Per-token X in the wgrad: its scale varies along M, the contraction.
   a = _quantized((8, 64), 1, "e2m1", 3)
   b = _quantized((8, 16), None, "e5m2", 4)
-  y = gemm.qdot(a, b, _TN, gemm.IMPLS["reference"], backward=True)
+  y = gemm.scaled_dot(a, b, _TN, gemm.IMPLS["reference"], backward=True)
   want = _f64(a).T @ _f64(b)
   assert _rel(y, want) < F32_RTOL
-  fn = jax.jit(lambda av, asc, bv, bsc: gemm.qdot(
+  fn = jax.jit(lambda av, asc, bv, bsc: gemm.scaled_dot(
       gemm.Operand(av, asc, "e2m1"), gemm.Operand(bv, bsc, "e5m2"), _TN,
       gemm.IMPLS["xla"], backward=True))
   text = fn.lower(a.values, a.scale, b.values, b.scale).as_text()
@@ -95,12 +95,12 @@ def test_fast_accumulation_is_a_gpu_precision_choice(monkeypatch):
   assert (gemm._precision(f8, "fast")               # pylint: disable=W0212
           == jax.lax.DotAlgorithmPreset.ANY_F8_ANY_F8_F32_FAST_ACCUM)
   with pytest.raises(ValueError, match="unknown accumulation"):
-    qdot.get_recipe("fp4_paper", accumulation="tf32")
+    qdot.Execution(accumulation="tf32")
 
 
-def _grads_fn(recipe):
+def _grads_fn(recipe, execution=None):
   def loss(x, w, g):
-    return jnp.sum(qdot.qmatmul(x, w, recipe) * g)
+    return jnp.sum(qdot.qmatmul(x, w, recipe, execution=execution) * g)
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
@@ -120,15 +120,15 @@ def test_xla_impl_runs_fp8_gemms_and_matches_the_reference(name, hw, n_fp8):
   x = jnp.asarray(rng.standard_normal((32, 128)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((128, 48)) * 0.05, jnp.float32)
   g = jnp.asarray(rng.standard_normal((32, 48)), jnp.float32)
-  xla = qdot.get_recipe(name, impl="xla", hw_faithful=hw)
-  ref = qdot.get_recipe(name, impl="reference", hw_faithful=hw)
-  fn = _grads_fn(xla)
+  r = qdot.get_recipe(name, hw_faithful=hw)
+  xla, ref = qdot.Execution(impl="xla"), qdot.Execution(impl="reference")
+  fn = _grads_fn(r, xla)
   assert len(_fp8_dots(fn.lower(x, w, g).as_text())) == n_fp8
-  assert not _fp8_dots(_grads_fn(qdot.get_recipe(name, impl="fast")).lower(
-      x, w, g).as_text())
-  (_, got), (_, want) = fn(x, w, g), _grads_fn(ref)(x, w, g)
-  y_got = qdot.qmatmul(x, w, xla)
-  y_want = qdot.qmatmul(x, w, ref)
+  assert not _fp8_dots(_grads_fn(qdot.get_recipe(name), qdot.Execution(
+      impl="fast")).lower(x, w, g).as_text())
+  (_, got), (_, want) = fn(x, w, g), _grads_fn(r, ref)(x, w, g)
+  y_got = qdot.qmatmul(x, w, r, execution=xla)
+  y_want = qdot.qmatmul(x, w, r, execution=ref)
   # Grid GEMMs are exact in FP8; the GEMMs left dequantized (the backward
   # without hw_faithful, fp4_paper's residual products) round each operand
   # to bf16 once: < 2^-7 of the product's magnitude (see qdot_test).
@@ -141,8 +141,7 @@ def test_xla_impl_runs_fp8_gemms_and_matches_the_reference(name, hw, n_fp8):
 # --------------------------------------------- Blackwell block-scaled path
 def test_scaled_matmul_predicate_on_this_machine():
   a = _quantized((8, 64), 1, "e2m1", 0)
-  spec = TensorQuant(axis=1, block=16, scale_fmt="e4m3", tensor_scale=True,
-                     rounding="rne")
+  spec = TensorQuant(axis=1, block=16, scale="e4m3_tensor", rounding="rne")
   q = quant.quantize(jnp.asarray(_quantized((8, 64), 1, "e2m1", 1).values),
                      spec)
   op = gemm.Operand(q.values, q.scale, "e2m1", spec)
@@ -182,12 +181,12 @@ def test_block_recipes_dispatch_to_scaled_matmul_on_blackwell(
   rng = np.random.default_rng(6)
   x = jnp.asarray(rng.standard_normal((32, 64)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((64, 32)) * 0.05, jnp.float32)
-  want = qdot.qmatmul(x, w, qdot.get_recipe(name, impl="reference"),
-                      jax.random.key(0))
+  want = qdot.qmatmul(x, w, qdot.get_recipe(name), jax.random.key(0),
+                      execution=qdot.Execution(impl="reference"))
   monkeypatch.setattr(gemm, "_device_ok", lambda: True)
   monkeypatch.setattr(jax.nn, "scaled_matmul", fake)
-  got = qdot.qmatmul(x, w, qdot.get_recipe(name, impl="xla"),
-                     jax.random.key(0))
+  got = qdot.qmatmul(x, w, qdot.get_recipe(name), jax.random.key(0),
+                     execution=qdot.Execution(impl="xla"))
   assert calls and calls[0] == (1, 32, 64)               # K-minor operands
   assert _rel(got, np.asarray(want, np.float64)) < F32_RTOL
 
@@ -214,9 +213,9 @@ def test_scaled_matmul_gradients_with_zero_blocks_and_rows(monkeypatch,
   args = [jnp.asarray(a) for a in (x, w, g)]
 
   def run(impl):
-    r = qdot.get_recipe(name, impl=impl)
-    y, vjp = jax.vjp(lambda x, w: qdot.qmatmul(x, w, r, jax.random.key(1)),
-                     *args[:2])
+    r, run = qdot.get_recipe(name), qdot.Execution(impl=impl)
+    y, vjp = jax.vjp(lambda x, w: qdot.qmatmul(x, w, r, jax.random.key(1),
+                                               execution=run), *args[:2])
     return (y, *vjp(args[2]))
 
   want = run("reference")
@@ -236,14 +235,15 @@ def test_scaled_matmul_gradients_with_zero_blocks_and_rows(monkeypatch,
 
 def test_sparse_impl_auto_is_ell_on_cpu_with_per_token_occ_else_gemm():
   paper = qdot.get_recipe("fp4_paper")
-  assert paper.sparse_impl == "auto"
-  assert gemm.resolve_sparse(paper) == "ell"          # this CPU
+  run = qdot.Execution()
+  assert run.sparse_impl == "auto"
+  assert gemm.resolve_sparse(paper, run) == "ell"          # this CPU
   with backend.targeting("gpu"):
-    assert gemm.resolve_sparse(paper) == "gemm"       # tensor cores
+    assert gemm.resolve_sparse(paper, run) == "gemm"       # tensor cores
   # A tensor-wise quantile bounds no row's outliers: ELL cannot hold it.
   assert gemm.resolve_sparse(qdot.get_recipe(
-      "fp4_paper", occ_axis=None)) == "gemm"
+      "fp4_paper", occ_axis=None), run) == "gemm"
   for explicit in ("gemm", "ell"):
     with backend.targeting("gpu"):
-      assert gemm.resolve_sparse(qdot.get_recipe(
-          "fp4_paper", sparse_impl=explicit)) == explicit
+      assert gemm.resolve_sparse(paper, qdot.Execution(
+          sparse_impl=explicit)) == explicit

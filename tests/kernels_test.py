@@ -109,12 +109,15 @@ def test_qmatmul_with_impl_pallas_equals_impl_xla(name):
     # Dense compensation products: the ELL form's slot order (so its f32
     # summation order) follows the top_k that found the outliers, which
     # the kernel path does not share.
-    r = qdot.get_recipe(name, impl=impl, sparse_impl="gemm")
-    f = lambda x, w: jnp.sum(qdot.qmatmul(x, w, r) * g)
-    return (qdot.qmatmul(x, w, r),) + jax.grad(f, argnums=(0, 1))(x, w)
+    r = qdot.get_recipe(name)
+    run = qdot.Execution(impl=impl, sparse_impl="gemm")
+    f = lambda x, w: jnp.sum(qdot.qmatmul(x, w, r, execution=run) * g)
+    return (qdot.qmatmul(x, w, r, execution=run),) + jax.grad(
+        f, argnums=(0, 1))(x, w)
 
   jaxpr = str(jax.make_jaxpr(lambda x: qdot.qmatmul(
-      x, w, qdot.get_recipe(name, impl="pallas")))(x))
+      x, w, qdot.get_recipe(name),
+      execution=qdot.Execution(impl="pallas")))(x))
   assert "pallas_call" in jaxpr           # the kernel ran, no fallback
   for a, b in zip(run("pallas"), run("xla")):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

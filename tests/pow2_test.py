@@ -26,7 +26,7 @@ from fp4jax.qconfig import TensorQuant
 F32_MIN_EXP, F32_MAX_EXP = -126, 127
 # E8M0's exponent range (OCP MX v1.0: 2**-127 .. 2**127, 0xFF is NaN).
 E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127
-_MX = dict(fmt="e2m1", block=32, scale_fmt="e8m0", rounding="rne")
+_MX = dict(fmt="e2m1", block=32, scale="e8m0", rounding="rne")
 
 
 def _sweep(c: float) -> np.ndarray:
@@ -128,8 +128,8 @@ def _ocp_scale(x):
 
 @jax.jit
 def _round_up_scale(x):
-  return quant.compute_scale(x, TensorQuant(axis=-1, e8m0_round_up=True,
-                                            **_MX))
+  return quant.compute_scale(x, TensorQuant(axis=-1,
+                                            **dict(_MX, scale="e8m0_up")))
 
 
 @jax.jit
@@ -181,7 +181,7 @@ def test_cast_scale_e8m0_is_the_floor_power_of_two():
 # ------------------------------------------------------ pow2 (quant)
 @jax.jit
 def _pow2_row_scale(x):
-  return quant.compute_scale(x, TensorQuant(axis=-1, pow2=True))
+  return quant.compute_scale(x, TensorQuant(axis=-1, scale="pow2"))
 
 
 def test_pow2_scale_is_the_floor_of_max_over_amax():

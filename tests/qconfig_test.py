@@ -30,34 +30,45 @@ def test_named_recipes_build_and_hash(name):
   # Frozen and hashable: usable as a static argument under jit.
   assert hash(r) == hash(get_recipe(name)) and r == get_recipe(name)
   with pytest.raises(dataclasses.FrozenInstanceError):
-    r.dge_k = 1.5   # type: ignore[misc]
+    r.dge = None   # type: ignore[misc]
   assert r.needs_key == (name == "nvfp4")
 
 
 def test_fp4_paper_is_the_paper_recipe():
   r = get_recipe("fp4_paper")
   # Activations: E2M1 per token with float scales, paper (LUT) rounding.
-  assert (r.x.fmt, r.x.axis, r.x.pow2, r.x.block, r.x.rounding) == (
-      "e2m1", -1, False, 0, "paper")
+  assert (r.x.fmt, r.x.axis, r.x.scale, r.x.block, r.x.rounding) == (
+      "e2m1", -1, "f32", 0, "paper")
   # Weights: E2M1 per output channel = amax over K, axis 0 of [K, N].
-  assert (r.w.fmt, r.w.axis, r.w.pow2, r.w.block) == ("e2m1", 0, False, 0)
+  assert (r.w.fmt, r.w.axis, r.w.scale, r.w.block) == ("e2m1", 0, "f32", 0)
   # Gradients: E5M2 per tensor, saturating RNE cast.
   for gq in (r.g_dgrad, r.g_wgrad):
     assert (gq.fmt, gq.axis, gq.rounding) == ("e5m2", None, "rne")
-  assert (r.dge_k, r.dge_cap) == (5.0, 3.0)
-  assert (r.occ_alpha, r.occ_axis, r.compensation) == (0.99, -1, "sparse")
-  assert not r.hw_faithful
+  assert (r.dge.k, r.dge.cap) == (5.0, 3.0)
+  assert (r.occ.alpha, r.occ.axis, r.occ.compensation) == (0.99, -1, "sparse")
+  assert not r.requantizes
+  # The simulation: both backward GEMMs reuse the forward's operands.
+  assert (r.dgrad.rhs, r.wgrad.lhs) == (qconfig.FORWARD, qconfig.FORWARD)
 
 
 def test_fp4_code_and_direct_cast_differ_as_documented():
   code = get_recipe("fp4_code")
-  assert code.x.pow2 and code.w.pow2
+  assert code.x.scale == code.w.scale == "pow2"
   assert code.w.axis in (1, -1)           # per INPUT channel: amax over N
-  assert code.compensation == "none"
+  assert code.occ.compensation == "none"
   direct = get_recipe("w4a4_direct")
-  assert direct.occ_alpha is None and direct.dge_k is None
+  assert direct.occ is None and direct.dge is None
   assert direct.x == get_recipe("fp4_paper").x
   assert direct.w == get_recipe("fp4_paper").w
+
+
+# The earlier flat override keys, read off the recipe spec.
+_FLAT = {
+    "occ_alpha": lambda r: r.occ.alpha,
+    "dge_k": lambda r: r.dge.k,
+    "compensation": lambda r: r.occ.compensation,
+    "hw_faithful": lambda r: r.requantizes,
+}
 
 
 @pytest.mark.parametrize("overrides", [
@@ -68,7 +79,10 @@ def test_overrides(overrides):
   before = get_recipe("fp4_paper")
   r = get_recipe("fp4_paper", **overrides)
   for k, v in overrides.items():
-    assert getattr(r, k) == v
+    assert _FLAT[k](r) == v
+  # An overridden recipe is named for what changed.
+  assert r.name == qconfig.derived_name("fp4_paper", overrides)
+  assert r.name.startswith("fp4_paper+")
   assert r != before
   assert get_recipe("fp4_paper") == before     # the table is not mutated
   assert get_recipe(r) == r                   # a Recipe passes through
@@ -76,7 +90,7 @@ def test_overrides(overrides):
 
 def test_operand_shortcuts():
   r = get_recipe("fp4_paper", pow2=True)
-  assert r.x.pow2 and r.w.pow2
+  assert r.x.scale == r.w.scale == "pow2"
   r = get_recipe("fp4_paper", weight_axis="in")
   assert r.w.axis in (1, -1) and r.x.axis == -1
   r = get_recipe("fp4_paper", x__fmt="e1m2")
@@ -84,9 +98,9 @@ def test_operand_shortcuts():
 
 
 @pytest.mark.parametrize("name,overrides,word", [
-    ("fp4_paper", {"occ_alpha": 1.0}, "occ_alpha"),
-    ("fp4_paper", {"occ_alpha": 0.5}, "occ_alpha"),
-    ("fp4_paper", {"dge_k": 1.0}, "dge_k"),
+    ("fp4_paper", {"occ_alpha": 1.0}, "occ.alpha"),
+    ("fp4_paper", {"occ_alpha": 0.5}, "occ.alpha"),
+    ("fp4_paper", {"dge_k": 1.0}, "dge.k"),
     ("fp4_paper", {"compensation": "sparse2"}, "compensation"),
     ("fp4_paper", {"no_such_field": 1}, "no_such_field"),
     ("fp4_paper", {"weight_axis": "out_channel"}, "weight_axis"),
@@ -105,7 +119,7 @@ def test_bad_recipe_raises(name, overrides, word):
 def test_recipe_is_a_static_jit_argument():
   @jax.jit
   def f(x):
-    return x * (get_recipe("fp4_paper", dge_k=3.0).dge_k or 0.0)
+    return x * (get_recipe("fp4_paper", dge_k=3.0).dge.k or 0.0)
   assert float(f(jnp.float32(2.0))) == 6.0
 
 

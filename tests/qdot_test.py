@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fp4jax import gemm
+from fp4jax import qconfig
 from fp4jax import qdot
 import np_ref
 
@@ -57,7 +58,9 @@ _SPEC_OF = {
     "w8a4": np_ref.W8A4,
 }
 
-# (recipe name, overrides, oracle spec) triples checked against the oracle.
+# (recipe name, overrides, oracle spec) triples checked against the oracle;
+# the run-level keys among the overrides (impl, sparse_impl) go to an
+# Execution (qconfig.split_overrides).
 _CASES = [(name, {}, spec) for name, spec in _SPEC_OF.items()] + [
     ("fp4_paper", {"occ_alpha": 0.97},
      np_ref.MatmulSpec(occ_alpha=0.97)),
@@ -122,18 +125,27 @@ def _inputs(spec, seed=0):
   return x, w, g
 
 
+def _recipe_and_run(name, overrides):
+  """(Recipe, Execution) of a named recipe with overrides, run-level keys
+  (impl, accumulation, sparse_impl) taken out for the Execution."""
+  rec, run, _ = qconfig.split_overrides(overrides)
+  return qdot.get_recipe(name, **rec), qdot.Execution(**run)
+
+
 @functools.lru_cache(maxsize=None)
-def _vjp_fn(recipe):
+def _vjp_fn(recipe, execution=None):
   """Jitted (x, w, g) -> (y, dx, dw) for a (hashable) Recipe."""
   def f(x, w, g):
-    y, vjp = jax.vjp(lambda a, b: qdot.qmatmul(a, b, recipe), x, w)
+    y, vjp = jax.vjp(lambda a, b: qdot.qmatmul(a, b, recipe,
+                                               execution=execution), x, w)
     dx, dw = vjp(g)
     return y, dx, dw
   return jax.jit(f)
 
 
-def _run(recipe, x, w, g):
-  y, dx, dw = _vjp_fn(recipe)(jnp.asarray(x), jnp.asarray(w), jnp.asarray(g))
+def _run(recipe, x, w, g, execution=None):
+  y, dx, dw = _vjp_fn(recipe, execution)(jnp.asarray(x), jnp.asarray(w),
+                                         jnp.asarray(g))
   assert y.dtype == x.dtype and dx.dtype == x.dtype and dw.dtype == w.dtype
   return tuple(np.asarray(v.astype(jnp.float32), np.float64)
                for v in (y, dx, dw))
@@ -157,13 +169,13 @@ def _case_id(case):
 @pytest.mark.parametrize("name,overrides,spec", _CASES,
                          ids=[_case_id(c) for c in _CASES])
 def test_matches_float64_composition(name, overrides, spec):
-  recipe = qdot.get_recipe(name, **overrides)
+  recipe, run = _recipe_and_run(name, overrides)
   x, w, g = _inputs(spec)
-  y, dx, dw = _run(recipe, x, w, g)
+  y, dx, dw = _run(recipe, x, w, g, run)
   want_y, want_dx, want_dw, mag = np_ref.qmatmul(x, w, g, spec)
   # "auto" means "reference" on CPU and "fast" elsewhere.
-  fast = recipe.impl == "fast" or (recipe.impl == "auto"
-                                   and jax.default_backend() != "cpu")
+  fast = run.impl == "fast" or (run.impl == "auto"
+                                and jax.default_backend() != "cpu")
   rtol = BF16_RTOL if fast else GEMM_RTOL
   _assert_within(y, want_y, mag["y"], rtol, "y")
   _assert_within(dx, want_dx, mag["dx"], rtol, "dx")
@@ -274,7 +286,7 @@ def test_named_recipes_quantize_within_bounds(name):
   floor = FP8_REL_ERR_MIN if name == "fp8" else FP4_REL_ERR_MIN
   for what, a, b in zip(("y", "dx", "dw"), got, exact):
     assert np.all(np.isfinite(a)), what
-    if what == "dw" and recipe.dge_k is not None:
+    if what == "dw" and recipe.dge is not None:
       continue    # DGE reweights dw by f' in [1/k, cap]: not an approximation
     err = _rel_err(a, b)
     assert err <= FP4_REL_ERR_MAX, (name, what, err)
@@ -454,11 +466,10 @@ def _count(jaxpr, counts):
 
 
 def _mlp_counts(recipe, **overrides):
-  if overrides:
-    recipe = qdot.get_recipe(recipe, **overrides)
+  recipe, run = _recipe_and_run(recipe, overrides)
   def loss(x, w1, w2):
-    h = jax.nn.relu(qdot.qmatmul(x, w1, recipe))
-    return jnp.sum(qdot.qmatmul(h, w2, recipe) ** 2)
+    h = jax.nn.relu(qdot.qmatmul(x, w1, recipe, execution=run))
+    return jnp.sum(qdot.qmatmul(h, w2, recipe, execution=run) ** 2)
   args = (jnp.ones((8, 16)), jnp.ones((16, 32)), jnp.ones((32, 4)))
   jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args)
   c = _count(jaxpr.jaxpr, {})
@@ -522,8 +533,9 @@ def test_ell_with_no_outlier_slots_equals_gemm():
   rng = np.random.default_rng(5)
   x, w, g = (rng.standard_normal(s).astype(np.float32)
              for s in ((8, 16), (16, 4), (8, 4)))
-  got = _run(qdot.get_recipe("fp4_paper", sparse_impl="ell"), x, w, g)
-  want = _run(qdot.get_recipe("fp4_paper", sparse_impl="gemm"), x, w, g)
+  r = qdot.get_recipe("fp4_paper")
+  got = _run(r, x, w, g, qdot.Execution(sparse_impl="ell"))
+  want = _run(r, x, w, g, qdot.Execution(sparse_impl="gemm"))
   for a, b in zip(got, want):
     np.testing.assert_array_equal(a, b)
 
@@ -536,7 +548,7 @@ def test_an_eager_call_with_host_weights_runs_the_ell_compensation():
   x = rng.standard_normal((8, 256)).astype(np.float32)
   w = (rng.standard_normal((256, 16)) * 0.05).astype(np.float32)
   r = qdot.get_recipe("fp4_paper")
-  assert gemm.resolve_sparse(r) == "ell"      # CPU: the ELL products
+  assert gemm.resolve_sparse(r, qdot.Execution()) == "ell"   # CPU: ELL
   got = qdot.qmatmul(jnp.asarray(x), w, r)
   want = qdot.qmatmul(jnp.asarray(x), jnp.asarray(w), r)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -354,7 +354,7 @@ BLOCK_RTOL = 1e-6
 
 @pytest.mark.parametrize("block", [16, 32])
 def test_mx_block_scales_match_oracle(data, block):
-  q = qconfig.TensorQuant(fmt="e2m1", axis=-1, block=block, scale_fmt="e8m0",
+  q = qconfig.TensorQuant(fmt="e2m1", axis=-1, block=block, scale="e8m0",
                           rounding="rne")
   x = np.concatenate([data, np.zeros((1,) + data.shape[1:], np.float32)])
   got = np.asarray(quant.quantize(jnp.asarray(x), q).dequantize(), np.float64)
@@ -366,8 +366,8 @@ def test_mx_block_scales_match_oracle(data, block):
 
 
 def test_nvfp4_block_scales_match_oracle(data):
-  q = qconfig.TensorQuant(fmt="e2m1", axis=-1, block=16, scale_fmt="e4m3",
-                          rounding="rne", tensor_scale=True)
+  q = qconfig.TensorQuant(fmt="e2m1", axis=-1, block=16, scale="e4m3_tensor",
+                          rounding="rne")
   got = np.asarray(quant.quantize(jnp.asarray(data), q).dequantize(),
                    np.float64)
   np.testing.assert_allclose(got, np_ref.nv_fake_quant(data, 16),
@@ -408,8 +408,8 @@ def test_nvfp4_block_whose_e4m3_scale_flushes_dequantizes_to_zero():
   x[0] = np.linspace(-1e6, 1e6, 32)
   x[1, :16] = np.linspace(0.5, 1.0, 16)
   x[1, 16:] = np.linspace(-6.0, 3.0, 16)
-  q = qconfig.TensorQuant(fmt="e2m1", axis=-1, block=16, scale_fmt="e4m3",
-                          rounding="rne", tensor_scale=True)
+  q = qconfig.TensorQuant(fmt="e2m1", axis=-1, block=16, scale="e4m3_tensor",
+                          rounding="rne")
   qt = quant.quantize(jnp.asarray(x), q)
   got = np.asarray(qt.dequantize(), np.float64)
   want = np_ref.nv_fake_quant(x, 16)

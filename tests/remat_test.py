@@ -67,16 +67,19 @@ FP4_SR = dataclasses.replace(
     name="w4a4_x_sr")
 # memory's counts are an accelerator's, where sparse_impl "auto" is the
 # dense compensation GEMM (gemm.resolve_sparse); XLA:CPU would take ELL.
-_AS_ON_GPU = {"fp4_paper": qconfig.get_recipe("fp4_paper", sparse_impl="gemm")}
+_AS_ON_GPU = {"fp4_paper": qconfig.Execution(sparse_impl="gemm")}
 
 
 RECIPES = {
     None: None,
     "fp4_paper": qconfig.get_recipe("fp4_paper"),
     "w4a4_x_sr": FP4_SR,
-    "fp4_paper_ell": qconfig.get_recipe("fp4_paper", sparse_impl="ell"),
+    "fp4_paper_ell": qconfig.get_recipe("fp4_paper"),
     "fp4_paper_dense": qconfig.get_recipe("fp4_paper", compensation="dense"),
 }
+# How a case's GEMMs run, where not Execution() (qconfig.Execution: a
+# run-level choice, not part of the recipe).
+EXECUTIONS = {"fp4_paper_ell": qconfig.Execution(sparse_impl="ell")}
 
 
 # -------------------------------------------------------------- FP4 codes
@@ -125,9 +128,10 @@ def test_fp4_codes_reject_fp8():
 _SAVE_PACKED = jax.checkpoint_policies.save_only_these_names(qdot.SAVED_NAME)
 
 
-def _qmatmul_loss(recipe, pack, remat):
+def _qmatmul_loss(recipe, pack, remat, execution=None):
   def f(x, w, key):
-    y = qdot.qmatmul(jnp.tanh(x), w, recipe, key, pack_residuals=pack)
+    y = qdot.qmatmul(jnp.tanh(x), w, recipe, key, pack_residuals=pack,
+                     execution=execution)
     return jnp.tanh(y)
   if remat:
     f = jax.checkpoint(f, policy=_SAVE_PACKED)
@@ -159,21 +163,22 @@ def test_qmatmul_packed_residuals_give_the_same_bits(name):
       jnp.bfloat16)
   w = 0.1 * jax.random.normal(jax.random.key(2), (64, 64))
   key = jax.random.key(3)
+  run = EXECUTIONS.get(name)
   grad = lambda pack: jax.jit(jax.value_and_grad(
-      _qmatmul_loss(recipe, pack, remat=pack), (0, 1))).lower(
+      _qmatmul_loss(recipe, pack, remat=pack, execution=run), (0, 1))).lower(
           x, w, key).compile(compiler_options=EXACT)(x, w, key)
   _assert_same_bits(grad(False), grad(True))
 
 
-def _saved_bytes_per_row(recipe, k, m=32):
+def _saved_bytes_per_row(recipe, k, m=32, execution=None):
   """Bytes per row of x that a checkpointed packed qmatmul keeps (the
   leaves of its vjp closure) besides the weight: x itself is not kept, the
   backward reads nothing else of it."""
   x = jax.random.normal(jax.random.key(0), (m, k), jnp.bfloat16)
   w = jnp.ones((k, 64), jnp.float32)
   f = jax.checkpoint(lambda x, w: qdot.qmatmul(
-      x * 2, w, recipe, jax.random.key(1), pack_residuals=True),
-                     policy=_SAVE_PACKED)
+      x * 2, w, recipe, jax.random.key(1), pack_residuals=True,
+      execution=execution), policy=_SAVE_PACKED)
   leaves = jax.tree.leaves(jax.vjp(f, x, w)[1])
   kinds = [(l.shape, l.dtype) for l in leaves]
   assert kinds.count((w.shape, w.dtype)) == 1, kinds
@@ -194,8 +199,8 @@ def _saved_bytes_per_row(recipe, k, m=32):
     ("nvfp4", 2 * 256),
 ])
 def test_saved_bytes_of_a_packed_projection(name, want):
-  recipe = _AS_ON_GPU.get(name) or qconfig.get_recipe(name)
-  assert _saved_bytes_per_row(recipe, 256) == want
+  assert _saved_bytes_per_row(qconfig.get_recipe(name), 256,
+                              execution=_AS_ON_GPU.get(name)) == want
 
 
 def test_packed_ell_capacity_is_compensation_capacity():
@@ -203,7 +208,8 @@ def test_packed_ell_capacity_is_compensation_capacity():
   # (its plan is an accelerator's: the dense compensation GEMMs).
   cap = compensation.capacity(512, 0.99)
   assert cap == 5 + 5
-  assert _saved_bytes_per_row(_AS_ON_GPU["fp4_paper"], 512) == (
+  assert _saved_bytes_per_row(qconfig.get_recipe("fp4_paper"), 512,
+                              execution=_AS_ON_GPU["fp4_paper"]) == (
       512 / 2 + 4 + 8 * cap)
   # The ELL products (CPU's "auto") keep the positions OCC's top_k found:
   # the k_top largest and k_bot smallest, two slots more.
@@ -219,8 +225,9 @@ def test_remat_rejects_an_unknown_policy():
     dataclasses.replace(TINY, remat="bogus")
 
 
-def _model_and_loss(remat, recipe):
-  cfg = dataclasses.replace(TINY, remat=remat)
+def _model_and_loss(remat, recipe, execution=None):
+  cfg = dataclasses.replace(TINY, remat=remat,
+                            gemm=execution or qconfig.Execution())
   rules = (None if recipe is None
            else qconfig.default_rules(recipe, cfg.n_layers))
   graphdef, state = nnx.split(llama.Llama(cfg, rules=rules,
@@ -235,7 +242,8 @@ def _model_and_loss(remat, recipe):
 
 @functools.cache
 def _loss_and_grads(remat, recipe_name):
-  state, loss = _model_and_loss(remat, RECIPES[recipe_name])
+  state, loss = _model_and_loss(remat, RECIPES[recipe_name],
+                                EXECUTIONS.get(recipe_name))
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0,
                               TINY.vocab_size)
   key = jax.random.key(5)
@@ -380,8 +388,9 @@ def test_per_policy_hand_count():
 
 
 @functools.cache
-def _xla_temp(recipe_name, remat, n_layers):
-  cfg = _one_point_three_b("xla", n_layers=n_layers, remat=remat)
+def _xla_temp(recipe_name, remat, n_layers, execution):
+  cfg = _one_point_three_b("xla", n_layers=n_layers, remat=remat,
+                           gemm=execution)
   rules = (None if recipe_name is None
            else qconfig.default_rules(recipe_name, n_layers))
   graphdef, state = nnx.split(nnx.eval_shape(
@@ -397,12 +406,13 @@ def _xla_temp(recipe_name, remat, n_layers):
 
 def _per_layer(recipe_name, remat):
   """(analytic, XLA) saved bytes per token of one 1.3B-wide layer."""
-  recipe_name = _AS_ON_GPU.get(recipe_name, recipe_name)
-  xla = (_xla_temp(recipe_name, remat, 2) - _xla_temp(recipe_name, remat, 1)
-         ) / (XLA_BATCH * XLA_SEQ)
+  run = _AS_ON_GPU.get(recipe_name, qconfig.Execution())
+  xla = (_xla_temp(recipe_name, remat, 2, run)
+         - _xla_temp(recipe_name, remat, 1, run)) / (XLA_BATCH * XLA_SEQ)
   count = lambda n: memory.activation_bytes_per_token(
       _one_point_three_b("xla", n_layers=n), XLA_SEQ,
-      recipe_name is not None, remat=remat, recipe=recipe_name)
+      recipe_name is not None, remat=remat, recipe=recipe_name,
+      execution=run)
   return count(2) - count(1), xla
 
 

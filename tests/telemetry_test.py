@@ -55,7 +55,7 @@ def test_activation_stats_count_occ_clamps_and_compensation():
   x = np.random.default_rng(1).standard_t(3, (16, 200)).astype(np.float32)
   r = qconfig.RECIPES["fp4_paper"]
   s = telemetry.activation_stats(jnp.asarray(x), r)
-  xc, resid = np_ref.occ_clamp(x.astype(np.float64), r.occ_alpha)
+  xc, resid = np_ref.occ_clamp(x.astype(np.float64), r.occ.alpha)
   assert float(s["clamp_frac"]) == pytest.approx(np.mean(resid != 0))
   # Compensation adds the residual back: the error is that of Q(Xc) alone.
   q, sf = np_ref.quantize(xc, "e2m1", axis=-1)

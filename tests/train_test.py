@@ -491,7 +491,7 @@ def test_switch_back_step_and_rules():
     runconfig.switch_back_step({"switch_back": 0.5, "switch_back_mode": "x"}, 10)
   rules = qconfig.default_rules("fp4_paper")
   (_, fwd), = runconfig.switched_rules(rules, "forward")
-  assert fwd.x is fwd.w is fwd.occ_alpha is fwd.dge_k is None
+  assert fwd.x is fwd.w is fwd.occ is fwd.dge is None
   assert fwd.g_dgrad == qdot.get_recipe("fp4_paper").g_dgrad
   assert runconfig.switched_rules(rules, "all") == ((rules[0][0], None),)
 
