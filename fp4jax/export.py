@@ -232,6 +232,9 @@ def export(workdir: str, out: str, step: int | None = None
   from fp4jax.evaluation import loader  # pylint: disable=import-outside-toplevel
 
   loaded = loader.load(workdir, step, precision="f32", need_tokenizer=False)
+  if not hf.is_llama(loaded.model_cfg):
+    raise ValueError(f"the Hugging Face export maps LLaMA models; {workdir} "
+                     f"holds a {type(loaded.model_cfg).__name__}")
   tensors = hf.to_hf_tensors(nnx.to_pure_dict(loaded.params),
                              loaded.model_cfg)
   tok = loaded.tokenizer

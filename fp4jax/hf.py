@@ -38,6 +38,11 @@ _LAYER_NORMS = (("attn_norm", "input_layernorm"),
                 ("mlp_norm", "post_attention_layernorm"))
 
 
+def is_llama(cfg: Any) -> bool:
+  """Whether `cfg` is a model this mapping covers (the llama family)."""
+  return isinstance(cfg, llama.LlamaConfig)
+
+
 def to_hf_tensors(params: dict[str, Any], cfg: llama.LlamaConfig
                   ) -> dict[str, np.ndarray]:
   """HF safetensors dict of a pure-dict fp4jax param tree.

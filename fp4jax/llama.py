@@ -520,18 +520,28 @@ class Llama(nnx.Module):
 
   Args:
     cfg: model shape and numerics.
-    rules: ordered (regex, Recipe | None) pairs over `projection_paths(cfg)`,
-      first full match wins, unmatched paths are plain; resolved once here
-      by `qconfig.resolve_rules` (a rule matching nothing is a ValueError).
-      None: no projection is quantized.
+    table: the resolved layer table {projection path: Recipe or None} over
+      `projection_paths(cfg)` (what the trainer passes: `models.build`).
+    rules: instead of a table, ordered (regex, Recipe | None) pairs over
+      `projection_paths(cfg)`, first full match wins, unmatched paths are
+      plain; resolved here by `qconfig.resolve_rules` (a rule matching
+      nothing is a ValueError). Neither: no projection is quantized.
     rngs: parameter initialisation randomness.
   """
 
   def __init__(self, cfg: LlamaConfig, *,
+               table: Mapping[str, Any] | None = None,
                rules: Sequence[qconfig.Rule] | None = None,
                rngs: nnx.Rngs):
     paths = projection_paths(cfg)
-    if rules is None:
+    if table is not None:
+      if rules is not None:
+        raise ValueError("Llama takes a layer table or rules, not both")
+      if list(table) != paths:
+        raise ValueError(f"the layer table's paths are not this model's "
+                         f"projection paths (first: {paths[:1]})")
+      table = dict(table)
+    elif rules is None:
       table = dict.fromkeys(paths)
     else:
       table = qconfig.resolve_rules(paths, rules)

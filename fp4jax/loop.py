@@ -29,8 +29,8 @@ from fp4jax import diskspace
 from fp4jax import flops
 from fp4jax import memory
 from fp4jax import metrics as metrics_lib
+from fp4jax import models
 from fp4jax import optim
-from fp4jax import sizes
 
 PROFILE_DIR = "profile"   # under the workdir: jax.profiler traces
 
@@ -159,7 +159,7 @@ class Loop:
     """The start's log lines; the state's bytes recorded on a fresh run."""
     config, trainer = self.config, self.trainer
     logging.info("model %s: %s, %d parameters", config.model.size,
-                 trainer.model_cfg, sizes.param_count(trainer.model_cfg))
+                 trainer.model_cfg, models.param_count(trainer.model_cfg))
     logging.info("quantization (projection -> recipe):\n%s",
                  "\n".join(quant_table_lines(trainer.quant_table)))
     step = int(jax.device_get(state.step))
@@ -201,8 +201,8 @@ class Loop:
     config = self.config
     num_steps = config.num_steps
     step = int(jax.device_get(state.step))
-    flops_token = flops.flops_per_token(self.trainer.model_cfg,
-                                        config.data.seq_len)
+    flops_token = models.flops_per_token(self.trainer.model_cfg,
+                                         config.data.seq_len)
     window: list[tuple[int, dict[str, Any]]] = []
     t_last = time.perf_counter()
     try:

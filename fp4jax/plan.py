@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fp4jax import llama
 from fp4jax import memory
+from fp4jax import models
 from fp4jax import runconfig
 from fp4jax import sharding
 
@@ -107,7 +107,7 @@ def _shard_factor(spec, sizes: Mapping[str, int]) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _param_shards(model_cfg: llama.LlamaConfig, rules,
+def _param_shards(model_cfg: Any, rules,
                   sizes: tuple[tuple[str, int], ...]
                   ) -> list[tuple[int, int, int, int, bool]]:
   """(elements, ndim of one layer's slice, shard factor, the part of it
@@ -116,8 +116,7 @@ def _param_shards(model_cfg: llama.LlamaConfig, rules,
   layer-stacked leaf (model.scan_layers) has one more dim than its
   layer's slice, which decides its master dtype as for one layer."""
   sizes = dict(sizes)
-  abstract = nnx.eval_shape(lambda: llama.Llama(
-      model_cfg, rules=rules, rngs=nnx.Rngs(params=jax.random.key(0))))
+  abstract = models.abstract(model_cfg, models.layer_table(model_cfg, rules))
   params = nnx.state(abstract, nnx.Param)
   specs = sharding.flat_specs(params)
   leaves = jax.tree_util.tree_flatten_with_path(
@@ -157,7 +156,7 @@ def plan(config, *, devices: int | None = None,
   model_cfg = run.model
   if remat is not None:
     model_cfg = dataclasses.replace(model_cfg, remat=remat)
-  if model_cfg.attention == "auto":
+  if getattr(model_cfg, "attention", None) == "auto":
     segmented = bool(config.data.get("segment_ids", False))
     on_gpu = (platform or jax.default_backend()) == "gpu"
     model_cfg = dataclasses.replace(
@@ -228,11 +227,12 @@ def plan(config, *, devices: int | None = None,
         [stacked] + [n * b for n, b, st in read if not st] +
         [n / t * payload for n, _, f, t, _ in shards if f == t], default=0.0)
   quantized = [r for _, r in run.rules if r is not None and r.quantizes]
-  per_token = memory.activation_bytes_per_token(
+  per_token = models.activation_bytes_per_token(
       model_cfg, config.data.seq_len, quantized=bool(quantized),
-      recipe=quantized[0] if quantized else None)
-  items["saved activations (one microbatch)"] = (
-      per_token * micro_rows * config.data.seq_len)
+      recipe=quantized[0] if quantized else None, execution=model_cfg.gemm)
+  if per_token is not None:     # a family without a model of them: unplanned
+    items["saved activations (one microbatch)"] = (
+        per_token * micro_rows * config.data.seq_len)
   gb = config.mesh.get("device_memory_gb", 0.0)
   if (isinstance(gb, bool) or not isinstance(gb, (int, float))
       or not 0 <= gb < math.inf):

@@ -19,11 +19,11 @@ from typing import Any
 import jax
 
 from fp4jax import llama
+from fp4jax import models
 from fp4jax import optim
 from fp4jax import qconfig
 from fp4jax import qdot
 from fp4jax import sharding
-from fp4jax import sizes
 
 # LlamaConfig fields that choose how the model is executed, not what it
 # computes: changing them between starts of one run is legitimate (a new
@@ -32,7 +32,7 @@ from fp4jax import sizes
 EXECUTION_FIELDS = ("attention", "remat", "scan_layers", "gemm")
 
 
-def model_identity(model_cfg: llama.LlamaConfig) -> dict[str, Any]:
+def model_identity(model_cfg: Any) -> dict[str, Any]:
   """The LlamaConfig fields a checkpoint is bound to (all but
   EXECUTION_FIELDS), as a JSON-able dict: config.json's "model"."""
   return {k: v for k, v in dataclasses.asdict(model_cfg).items()
@@ -40,27 +40,30 @@ def model_identity(model_cfg: llama.LlamaConfig) -> dict[str, Any]:
 
 
 def model_config(model: Mapping[str, Any], data_vocab: int,
-                 gemm: qconfig.Execution | None = None
-                 ) -> llama.LlamaConfig:
-  """LlamaConfig from the `model` section: size table + non-zero overrides.
+                 gemm: qconfig.Execution | None = None) -> Any:
+  """The model's config from the `model` section: its family's size table
+  plus non-zero overrides.
 
   Args:
-    model: the `model` config section (size + LlamaConfig fields, where 0
-      means "from the size table" and vocab_size 0 means "from the data").
+    model: the `model` config section (family (default "llama"), size, and
+      the family config's fields, where 0 means "from the size table" and
+      vocab_size 0 means "from the data").
     data_vocab: the input pipeline's vocabulary size.
     gemm: the GEMMs' execution (`gemm_execution`); default Execution().
 
   Raises:
-    ValueError: unknown size, invalid field, or a vocabulary smaller than
-      the data's.
+    ValueError: unknown family or size, invalid field, or a vocabulary
+      smaller than the data's.
   """
-  fields = {f.name for f in dataclasses.fields(llama.LlamaConfig)}
+  family = models.get_family(model.get("family", "llama"))
+  fields = {f.name for f in dataclasses.fields(family.config)}
   overrides = {}
   for key, value in model.items():
-    if key == "size":
+    if key in ("size", "family"):
       continue
     if key not in fields or key == "gemm":
-      raise ValueError(f"model.{key} is not a LlamaConfig field")
+      raise ValueError(f"model.{key} is not a {family.config.__name__} "
+                       "field")
     unset = (not isinstance(value, bool) and isinstance(value, (int, float))
              and value == 0)
     if not unset:
@@ -72,7 +75,7 @@ def model_config(model: Mapping[str, Any], data_vocab: int,
   elif overrides["vocab_size"] < data_vocab:
     raise ValueError(f"model.vocab_size={overrides['vocab_size']} is smaller "
                      f"than the data's vocabulary ({data_vocab})")
-  return sizes.get_config(model["size"], **overrides)
+  return models.get_config(family.name, model["size"], **overrides)
 
 
 def _split(quant: Mapping[str, Any]):
@@ -228,10 +231,11 @@ def rules_at_step(quant: Mapping[str, Any], num_steps: int, n_layers: int,
   return switched_rules(rules, mode), label
 
 
-def check_attention(model_cfg: llama.LlamaConfig, segment_ids: bool) -> None:
+def check_attention(model_cfg: Any, segment_ids: bool) -> None:
   """model.attention="cudnn" where it cannot run: one line before compiling
   (the trace would fail deep inside jax)."""
-  if llama.attention_impl(model_cfg.attention, segment_ids) != "cudnn":
+  if llama.attention_impl(getattr(model_cfg, "attention", "xla"),
+                          segment_ids) != "cudnn":
     return
   if jax.default_backend() != "gpu":
     raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU (the "
@@ -298,7 +302,8 @@ class Run:
     num_steps: optimizer steps of the run (the schedule's length).
     model: the LlamaConfig (vocab_size from data.vocab_size when unset).
     optim: the OptimConfig (its grad_accum = microbatches per step).
-    rules: layer rules ((regex, Recipe | None), ...) for llama.Llama.
+    rules: layer rules ((regex, Recipe | None), ...) over the model's
+      projection paths.
     recipe: the main recipe (quant.recipe with quant.overrides).
     late_step: first step trained with `late_rules` (quant.switch_back), or
       None.
@@ -310,7 +315,7 @@ class Run:
       "config"}.
   """
   num_steps: int
-  model: llama.LlamaConfig
+  model: Any
   optim: optim.OptimConfig
   rules: tuple
   recipe: Any
@@ -346,7 +351,11 @@ def translate(config) -> Run:
                 switched_rules(rules, config.quant.switch_back_mode))
   check_attention(model_cfg, bool(config.data.get("segment_ids", False)))
   seed = config.data.shuffle_seed
+  family = models.family_of(model_cfg).name
   run_info = {"model": model_identity(model_cfg),
+              # Said only for a family other than the first (config.json
+              # files written before there were families stay as they are).
+              **({} if family == "llama" else {"model_family": family}),
               "quant": {"recipe": recipe.name,
                         "overrides": dict(config.quant.overrides),
                         "rules": [list(r) for r in config.quant.rules]},

@@ -203,11 +203,14 @@ def train_and_evaluate(config, workdir: str, *,
   return state
 
 
-def _hf_params(config, model_cfg: llama.LlamaConfig) -> dict[str, Any] | None:
+def _hf_params(config, model_cfg: Any) -> dict[str, Any] | None:
   """The weights of config.init_from_hf (a pure dict), checked against the
   model, or None."""
   if not config.init_from_hf:
     return None
+  if not isinstance(model_cfg, llama.LlamaConfig):
+    raise ValueError(f"init_from_hf reads LLaMA checkpoints; this run's "
+                     f"model is a {type(model_cfg).__name__}")
   hf_cfg, tensors = hf.read_folder(config.init_from_hf)
   hf.check_matches(hf_cfg, model_cfg)
   return hf.from_hf_tensors(tensors, model_cfg)

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fp4jax import backend
 from fp4jax import comm
-from fp4jax import llama
+from fp4jax import models
 from fp4jax import optim
 from fp4jax import qconfig
 from fp4jax import sharding
@@ -348,7 +348,7 @@ class Trainer:
       move; a backend without FP8 collectives may widen them when it
       compiles).
   """
-  model_cfg: llama.LlamaConfig
+  model_cfg: Any
   graphdef: Any
   quant_table: dict[str, str]
   mesh: jax.sharding.Mesh
@@ -370,18 +370,15 @@ class Trainer:
             for k in BATCH_KEYS}
 
 
-def layer_table(model_cfg: llama.LlamaConfig,
+def layer_table(model_cfg: Any,
                 quant_rules: Sequence[tuple[str, Any]] | None
                 ) -> dict[str, Any]:
   """{projection path: Recipe or None}: the layer rules resolved over the
-  model's projection paths (`qconfig.resolve_rules`), once per trainer."""
-  paths = llama.projection_paths(model_cfg)
-  if not quant_rules:
-    return dict.fromkeys(paths)
-  return qconfig.resolve_rules(paths, quant_rules)
+  model's projection paths (`models.layer_table`), once per trainer."""
+  return models.layer_table(model_cfg, quant_rules)
 
 
-def param_path(path: str, model_cfg: llama.LlamaConfig) -> str:
+def param_path(path: str, model_cfg: Any) -> str:
   """Where projection `path`'s parameters live: "layers.3.attn.q_proj" is
   "layers.attn.q_proj" (slice 3 of its leading axis) when the layers are
   stacked (model.scan_layers), else itself."""
@@ -390,7 +387,7 @@ def param_path(path: str, model_cfg: llama.LlamaConfig) -> str:
   return path
 
 
-def _weight_blocks(table: Mapping[str, Any], model_cfg: llama.LlamaConfig
+def _weight_blocks(table: Mapping[str, Any], model_cfg: Any
                    ) -> dict[str, dict[int, int]]:
   """{kernel path: {dim: block}} of the block-scaled weight operands of a
   `layer_table`.
@@ -428,7 +425,7 @@ def kernel_mask(kernels: frozenset[str]) -> Callable[[Any], Any]:
   return mask
 
 
-def fp8_grad_mask(table: Mapping[str, Any], model_cfg: llama.LlamaConfig
+def fp8_grad_mask(table: Mapping[str, Any], model_cfg: Any
                   ) -> Callable[[Any], Any]:
   """True on the kernels of a `layer_table`'s quantized projections: the
   weight gradients the paper keeps in FP8 (RECIPE §6)."""
@@ -437,15 +434,15 @@ def fp8_grad_mask(table: Mapping[str, Any], model_cfg: llama.LlamaConfig
                                if r is not None and r.quantizes))
 
 
-def projection_mask(model_cfg: llama.LlamaConfig) -> Callable[[Any], Any]:
+def projection_mask(model_cfg: Any) -> Callable[[Any], Any]:
   """True on the block projections' kernels (RECIPE §5), quantized or not."""
   rx = re.compile(qconfig.PROJECTION_PATTERN)
   return kernel_mask(frozenset(f"{param_path(p, model_cfg)}.kernel" for p in
-                               llama.projection_paths(model_cfg)
+                               models.projection_paths(model_cfg)
                                if rx.fullmatch(p)))
 
 
-def layer_mask(model_cfg: llama.LlamaConfig) -> Callable[[Any], Any]:
+def layer_mask(model_cfg: Any) -> Callable[[Any], Any]:
   """params-shaped tree -> bools: True on the leaves with a leading layer
   axis (every "layers." leaf when model.scan_layers, else none); the
   optimizer keeps their per-tensor scales per layer (`optim`)."""
@@ -461,7 +458,7 @@ def _axes(entry: Any) -> tuple[str, ...]:
   return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
-def check_fit(model_cfg: llama.LlamaConfig,
+def check_fit(model_cfg: Any,
               quant_rules: Sequence[tuple[str, Any]] | None, *,
               mesh: jax.sharding.Mesh, global_batch: int, seq_len: int,
               logical_rules: sharding.Rules = sharding.LOGICAL_RULES,
@@ -472,7 +469,7 @@ def check_fit(model_cfg: llama.LlamaConfig,
   `nnx.eval_shape`), so a run can reject a bad config before its data stage.
 
   Returns:
-    The abstract model (`nnx.eval_shape` of `llama.Llama`).
+    The abstract model (`models.abstract`: shapes only).
 
   Raises:
     ValueError: naming the config key when batch, sequence or parameter
@@ -497,8 +494,8 @@ def check_fit(model_cfg: llama.LlamaConfig,
                      f"{rows} rows each of the {batch_ways} batch shards "
                      f"gets (data.global_batch={global_batch}); use a "
                      f"divisor of {rows}")
-  abstract_model = nnx.eval_shape(lambda: llama.Llama(
-      model_cfg, rules=quant_rules, rngs=nnx.Rngs(params=jax.random.key(0))))
+  table = layer_table(model_cfg, quant_rules)
+  abstract_model = models.abstract(model_cfg, table)
   _, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
   # The gradient communication's layout limits, before anything traces.
   comm.check(comm_dtype, mesh, param_specs=jax.tree.map(
@@ -507,25 +504,24 @@ def check_fit(model_cfg: llama.LlamaConfig,
              batch_axes=_axes(batch_sh.spec[0]))
   sharding.check_divisible(
       abstract_params, mesh, logical_rules,
-      blocks=_weight_blocks(layer_table(model_cfg, quant_rules), model_cfg))
+      blocks=_weight_blocks(table, model_cfg))
   return abstract_model
 
 
-def _state_layout(abstract_model: Any, model_cfg: llama.LlamaConfig,
+def _state_layout(abstract_model: Any, model_cfg: Any,
                   quant_rules: Sequence[tuple[str, Any]] | None,
                   optim_cfg: Any, *, num_steps: int, mesh: jax.sharding.Mesh,
                   seed: int, logical_rules: sharding.Rules,
                   schedule: Any = None):
   """(tx, init, graphdef, abstract sharded TrainState, its shardings)."""
+  table = layer_table(model_cfg, quant_rules)
   tx = optim.make_optimizer(
-      optim_cfg, num_steps,
-      fp8_grad_mask(layer_table(model_cfg, quant_rules), model_cfg),
+      optim_cfg, num_steps, fp8_grad_mask(table, model_cfg),
       proj_mask=projection_mask(model_cfg), schedule=schedule,
       layer_mask=layer_mask(model_cfg))
 
   def build_model(key):
-    return llama.Llama(model_cfg, rules=quant_rules,
-                       rngs=nnx.Rngs(params=key))
+    return models.build(model_cfg, table, nnx.Rngs(params=key))
 
   def init() -> TrainState:
     root = jax.random.key(seed)
@@ -548,7 +544,7 @@ def _state_layout(abstract_model: Any, model_cfg: llama.LlamaConfig,
   return tx, init, graphdef, abstract, state_sh
 
 
-def abstract_state(model_cfg: llama.LlamaConfig,
+def abstract_state(model_cfg: Any,
                    quant_rules: Sequence[tuple[str, Any]] | None,
                    optim_cfg: Any, *, num_steps: int, mesh: jax.sharding.Mesh,
                    seed: int = 0,
@@ -568,9 +564,8 @@ def abstract_state(model_cfg: llama.LlamaConfig,
     carrying their shardings on `mesh`.
   """
   if abstract_model is None:
-    abstract_model = nnx.eval_shape(lambda: llama.Llama(
-        model_cfg, rules=quant_rules,
-        rngs=nnx.Rngs(params=jax.random.key(0))))
+    abstract_model = models.abstract(model_cfg,
+                                     layer_table(model_cfg, quant_rules))
   _, _, graphdef, abstract, _ = _state_layout(
       abstract_model, model_cfg, quant_rules, optim_cfg, num_steps=num_steps,
       mesh=mesh, seed=seed, logical_rules=logical_rules)
@@ -608,7 +603,7 @@ def _train_step_parts(model_cfg, quant_rules, optim_cfg, *, num_steps, mesh,
           abstract_batch, step_fn)
 
 
-def lower_train_step(model_cfg: llama.LlamaConfig,
+def lower_train_step(model_cfg: Any,
                      quant_rules: Sequence[tuple[str, Any]] | None,
                      optim_cfg: Any, *, num_steps: int,
                      mesh: jax.sharding.Mesh, global_batch: int,
@@ -644,7 +639,7 @@ def lower_train_step(model_cfg: llama.LlamaConfig,
         lowering_platforms=(platform,))
 
 
-def make_trainer(model_cfg: llama.LlamaConfig,
+def make_trainer(model_cfg: Any,
                  quant_rules: Sequence[tuple[str, Any]] | None,
                  optim_cfg: Any, *, num_steps: int, mesh: jax.sharding.Mesh,
                  global_batch: int, seq_len: int, seed: int,
@@ -657,7 +652,8 @@ def make_trainer(model_cfg: llama.LlamaConfig,
 
   Args:
     model_cfg: model shape and numerics.
-    quant_rules: (regex, Recipe | None) pairs for `llama.Llama`; None = none.
+    quant_rules: (regex, Recipe | None) pairs over the model's projection
+      paths (`models.layer_table`); None = none.
     optim_cfg: `optim.OptimConfig`.
     num_steps: schedule length.
     mesh: device mesh (axes data, fsdp, tensor).

@@ -28,7 +28,7 @@ import jax
 from flax import nnx
 
 from fp4jax import checkpoint
-from fp4jax import llama
+from fp4jax import models
 from fp4jax import optim
 from fp4jax import recast
 from fp4jax import runrecord
@@ -60,7 +60,7 @@ class Loaded:
     run_config: the config the step was trained with (config.json's
       "config" with the changes of later starts, `runrecord`).
   """
-  model_cfg: llama.LlamaConfig
+  model_cfg: Any
   graphdef: Any
   params: Any
   tokenizer: tokenizer_lib.Tokenizer | None
@@ -70,7 +70,7 @@ class Loaded:
   mesh: jax.sharding.Mesh
   run_config: dict[str, Any]
 
-  def model(self) -> llama.Llama:
+  def model(self) -> nnx.Module:
     return nnx.merge(self.graphdef, self.params)
 
 
@@ -147,7 +147,8 @@ def load(workdir: str, step: int | None = None, precision: str = "train",
       workdir, steps[-1] if step is None else step)}
   run_config = info["config"]
   try:
-    trained_cfg = llama.LlamaConfig(**_key(info, "model", where))
+    family = models.get_family(info.get("model_family", "llama"))
+    trained_cfg = family.config(**_key(info, "model", where))
     rules, recipe = runconfig.quant_rules(_key(info, "config.quant", where),
                                       trained_cfg.n_layers)
     optim_cfg = optim.OptimConfig(**_key(info, "config.optim", where))
@@ -207,8 +208,8 @@ def load(workdir: str, step: int | None = None, precision: str = "train",
     model_cfg = dataclasses.replace(
         trained_cfg, compute_dtype="bfloat16" if precision == "bf16"
         else "float32")
-  abstract_model = nnx.eval_shape(lambda: llama.Llama(
-      model_cfg, rules=rules, rngs=nnx.Rngs(params=jax.random.key(0))))
+  abstract_model = models.abstract(model_cfg,
+                                   models.layer_table(model_cfg, rules))
   graphdef, _ = nnx.split(abstract_model, nnx.Param)
   return Loaded(model_cfg=model_cfg, graphdef=graphdef, params=params,
                 tokenizer=tok, step=step, recipe=recipe_label,
