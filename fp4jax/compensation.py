@@ -17,7 +17,7 @@ thrown away). Each product is a `lax.scan` over the c slots, so no [M, c,
 N] gather is materialised; every add is f32.
 
 Which is faster is a property of the device: on a CPU the gathers are far
-cheaper than three extra f32 GEMMs (the default there: `Recipe.sparse_impl`
+cheaper than three extra f32 GEMMs (the default there: `Execution.sparse_impl`
 "auto", `gemm.resolve_sparse`); on a GPU a dense GEMM runs on tensor cores
 while these run memory-bound on the SMs, so "auto" is "gemm" there and
 `bench/gpu.py` times both. A Pallas kernel (row-block x column-block tiles

@@ -71,9 +71,9 @@ IMPLS: dict[str, GemmImpl] = {
     # in bf16.
     "fp8": GemmImpl("fp8", jnp.bfloat16, False),
     # Every GEMM whose scales factor out on FP8 tensor cores through XLA
-    # (cuBLASLt): forward E4M3 x E4M3; with hw_faithful recipes (operands
-    # re-quantized along the backward GEMMs' own axes, as hardware must),
-    # dgrad E5M2 x E4M3 and wgrad E4M3 x E5M2 too.
+    # (cuBLASLt): forward E4M3 x E4M3; with recipes that re-quantize the
+    # backward's operands along its GEMMs' own axes (as hardware must), or
+    # per-tensor scales, dgrad E5M2 x E4M3 and wgrad E4M3 x E5M2 too.
     "xla": GemmImpl("fp8", jnp.bfloat16, True),
 }
 # "pallas" = "xla" GEMMs, with the Pallas fused row quantizer for OCC'd

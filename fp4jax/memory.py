@@ -26,7 +26,7 @@ time:
   "dots":           every dot output the backward reads, f32: each
                     projection's GEMM (4 N for an N-wide output; a second
                     for compensation "sparse" through dense GEMMs, the
-                    rotated X for rht_fwd) but the down projection's, whose
+                    rotated X for fwd.rht) but the down projection's, whose
                     output meets only the residual add, and with "xla"
                     attention its scores (4 H T) and output (4 D); "cudnn"
                     attention is no dot.

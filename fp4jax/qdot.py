@@ -97,7 +97,7 @@ def _row_kernel(x32, r: Recipe, run: Execution):
   qx = quant.QTensor(out.values.astype(jnp.float32), out.scale)
   if r.occ is None:
     return x32, None, qx
-  # xc itself is read only by hw_faithful recipes, which never come here.
+  # xc itself is read only by re-quantizing recipes, which never come here.
   return None, out.residual, qx
 
 

@@ -34,7 +34,7 @@ FORWARD = "forward"
 
 
 # Annotation word -> accepted Python types (bool is not a number here:
-# a config typo like dge_k=True must not become k = 1).
+# a config typo like dge k=True must not become k = 1).
 _TYPE_WORDS = {"float": (float, int), "int": (int,), "str": (str,),
                "bool": (bool,), "None": (type(None),)}
 
