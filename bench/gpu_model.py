@@ -103,10 +103,7 @@ def _setup(a):
 def _overrides(a):
   """--set as (recipe overrides, qconfig.Execution, layer-rule keys)."""
   from fp4jax import qconfig  # pylint: disable=g-import-not-at-top
-  fields = dict(kv.split("=", 1) for kv in a.set.split(",")) if a.set else {}
-  fields = {k: qconfig.override_value(v) for k, v in fields.items()}
-  recipe, run, layer = qconfig.split_overrides(fields)
-  return recipe, qconfig.Execution(**run), layer
+  return qconfig.typed_overrides(a.set.split(","))
 
 
 def _bf16_tail(a, recipe: str) -> float:
@@ -116,8 +113,7 @@ def _bf16_tail(a, recipe: str) -> float:
   share = _overrides(a)[2].get("bf16_tail")
   if share is None:
     return qconfig.default_bf16_tail(recipe)
-  qconfig.tail_rules(1, share)     # the one check of a share
-  return float(share)
+  return qconfig.check_share(share, "--set bf16_tail")
 
 
 def _compile(jax, devices, a, recipe: str, layers: int) -> str:

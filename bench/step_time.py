@@ -63,13 +63,8 @@ def _recipe(spec: str) -> tuple[qconfig.Recipe, qconfig.Execution,
   its bf16_tail or None for the recipe's own), the run-level and
   layer-level keys split off (qconfig.split_overrides)."""
   name, _, rest = spec.partition(":")
-  overrides = {}
-  for item in filter(None, rest.split(";")):
-    k, _, v = item.partition("=")
-    overrides[k] = qconfig.override_value(v)
-  recipe, run, layer = qconfig.split_overrides(overrides)
-  return (qconfig.get_recipe(name, **recipe), qconfig.Execution(**run),
-          layer.get("bf16_tail"))
+  recipe, run, layer = qconfig.typed_overrides(rest.split(";"))
+  return qconfig.get_recipe(name, **recipe), run, layer.get("bf16_tail")
 
 
 def main(argv=None) -> dict[str, float]:

@@ -541,10 +541,8 @@ class Llama(nnx.Module):
         raise ValueError(f"the layer table's paths are not this model's "
                          f"projection paths (first: {paths[:1]})")
       table = dict(table)
-    elif rules is None:
-      table = dict.fromkeys(paths)
-    else:
-      table = qconfig.resolve_rules(paths, rules)
+    else:   # no rules: every path plain
+      table = qconfig.resolve_rules(paths, rules or ())
     if cfg.scan_layers:
       _check_uniform_layers(table)
     self.cfg = cfg

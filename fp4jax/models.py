@@ -128,17 +128,14 @@ def projection_paths(cfg: Any) -> list[str]:
 def layer_table(cfg: Any, rules) -> dict[str, qconfig.Recipe | None]:
   """{projection path: Recipe or None}: the layer rules resolved over the
   model's projection paths (`qconfig.resolve_rules`; None: all plain)."""
-  paths = projection_paths(cfg)
-  if not rules:
-    return dict.fromkeys(paths)
-  return qconfig.resolve_rules(paths, rules)
+  return qconfig.resolve_rules(projection_paths(cfg), rules or ())
 
 
 def build(cfg: Any, table: Mapping[str, Any] | None, rngs: nnx.Rngs
           ) -> nnx.Module:
   """The model of `cfg` with its resolved layer table (None: plain)."""
   if table is None:
-    table = dict.fromkeys(projection_paths(cfg))
+    table = layer_table(cfg, None)
   return family_of(cfg).model(cfg, table=dict(table), rngs=rngs)
 
 

@@ -363,13 +363,11 @@ class ScaleFormat:
       saturates (Mishra et al. 2506.08027), instead of OCP's floor.
     tensor_scale: a second level, one f32 scale per tensor that keeps the
       FP8 block scales in range (NVFP4).
-    bits: bits one stored scale takes (memory plans).
   """
   storage: str
   pow2: bool = False
   round_up: bool = False
   tensor_scale: bool = False
-  bits: int = 32
 
   def __post_init__(self):
     if self.storage not in ("f32", "e8m0") and self.storage not in FLOAT_BITS:
@@ -390,13 +388,13 @@ SCALE_FORMATS: dict[str, ScaleFormat] = {
     # The released code: sf floored to a power of two, kept in f32.
     "pow2": ScaleFormat("f32", pow2=True),
     # OCP MX: a shared power-of-two exponent, amax in the top binade.
-    "e8m0": ScaleFormat("e8m0", pow2=True, bits=8),
+    "e8m0": ScaleFormat("e8m0", pow2=True),
     # MX with the exponent rounded up: nothing saturates (Mishra et al.).
-    "e8m0_up": ScaleFormat("e8m0", pow2=True, round_up=True, bits=8),
+    "e8m0_up": ScaleFormat("e8m0", pow2=True, round_up=True),
     # FP8 E4M3 block scales alone.
-    "e4m3": ScaleFormat("e4m3", bits=8),
+    "e4m3": ScaleFormat("e4m3"),
     # NVFP4: E4M3 block scales under one f32 scale per tensor.
-    "e4m3_tensor": ScaleFormat("e4m3", tensor_scale=True, bits=8),
+    "e4m3_tensor": ScaleFormat("e4m3", tensor_scale=True),
 }
 
 

@@ -29,7 +29,8 @@ __all__ = ["ACCUMULATIONS", "COMPENSATIONS", "FORWARD", "IMPLS",
            "REQUANT_FROM", "SCALE_RULES", "SPARSE_IMPLS", "Dge", "Execution",
            "Gemm", "Occ", "Recipe", "TensorQuant", "FLAT_KEYS", "LAYER_KEYS",
            "RUN_KEYS", "derived_name", "split_overrides", "RECIPES",
-           "BF16_TAILS", "bf16_forward", "override_value", "get_recipe",
+           "BF16_TAILS", "bf16_forward", "check_share", "override_value",
+           "typed_overrides", "get_recipe",
            "PROJECTION_PATTERN", "bf16_tail_blocks", "default_bf16_tail",
            "tail_rules", "default_rules", "resolve_rules", "Rule"]
 
@@ -172,6 +173,18 @@ def override_value(text: str) -> Any:
     return text
 
 
+def typed_overrides(items: Sequence[str]
+                    ) -> tuple[dict[str, Any], Execution, dict[str, Any]]:
+  """"k=v" items typed on a command line (`override_value`) as (recipe
+  overrides, the Execution of the run-level keys, layer-rule keys)."""
+  fields = {}
+  for item in filter(None, items):
+    k, _, v = item.partition("=")
+    fields[k] = override_value(v)
+  recipe, run, layer = split_overrides(fields)
+  return recipe, Execution(**run), layer
+
+
 def get_recipe(name: str | Recipe, /, **overrides: Any) -> Recipe:
   """A named recipe with fields overridden, named for what changed.
 
@@ -232,6 +245,14 @@ def default_bf16_tail(recipe: Recipe | str | None) -> float:
   return BF16_TAILS.get(name.split("+", 1)[0], 0.0)
 
 
+def check_share(share: Any, key: str = "bf16_tail") -> float:
+  """`share` as a float in [0, 1); else a ValueError naming `key`."""
+  if (isinstance(share, bool) or not isinstance(share, (int, float))
+      or not 0 <= share < 1):
+    raise ValueError(f"{key} must be a share in [0, 1), got {share!r}")
+  return float(share)
+
+
 def tail_rules(n_layers: int | None, share: float) -> tuple[Rule, ...]:
   """The rule keeping the last `share` of the decoder blocks plain, to go
   before a recipe's rules (default or explicit); () for share 0.
@@ -239,9 +260,7 @@ def tail_rules(n_layers: int | None, share: float) -> tuple[Rule, ...]:
   Raises:
     ValueError: a share outside [0, 1), or a tail without n_layers.
   """
-  if (isinstance(share, bool) or not isinstance(share, (int, float))
-      or not 0 <= share < 1):
-    raise ValueError(f"bf16_tail must be a share in [0, 1), got {share!r}")
+  share = check_share(share)
   if not share:
     return ()
   if n_layers is None:

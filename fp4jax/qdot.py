@@ -5,10 +5,10 @@ forward, dgrad (dx = g @ w^T) and wgrad (dw = x^T @ g) GEMMs each quantize
 their operands as the `Recipe` says (RECIPE §5), with DGE on the weight
 gradient (§3) and OCC on the activations (§4), run as the `Execution` says;
 the GEMM implementations (one dispatch point, `GEMM_IMPLS`); what the
-backward reads of the forward (`Saved`); the packed form of what the backward keeps of x
-(`pack_residuals`: FP4 codes two per byte, named `SAVED_NAME` for a remat
-policy); and `make_dot_general`, the `lax.dot_general`-shaped seam for Flax
-layers and einsums.
+backward reads of the forward (`Saved`); the packed form of what the
+backward keeps of x (`pack_residuals`: FP4 codes two per byte, named
+`SAVED_NAME` for a remat policy); and `make_dot_general`, the
+`lax.dot_general`-shaped seam for Flax layers and einsums.
 
 Must not import: flax, ml_collections, fp4jax modules right of `quant`.
 """
@@ -192,8 +192,7 @@ def _fwd_core(x, w, r: Recipe, run: Execution, key, pack: bool = False,
       mask_x=_trust_mask(xc, qx, r.x) if r.clip_mask else None,
       mask_w=_trust_mask(w32, qw, r.w) if r.clip_mask else None)
   if pack:
-    res = _pack_residuals(r, run, res, qx,
-                          resid if comp == "dense" else None)
+    res = _pack_residuals(r, res, qx, resid if comp == "dense" else None)
   return y, res
 
 
@@ -329,8 +328,7 @@ def _dense_resid(resid, k: int, g: jax.Array):
   return zeros.at[rows, resid.idx].add(resid.val)
 
 
-def _pack_residuals(r: Recipe, run: Execution, res: Saved, qx, add
-                    ) -> Saved:
+def _pack_residuals(r: Recipe, res: Saved, qx, add) -> Saved:
   """`_fwd_core`'s residuals with X's part compact and named SAVED_NAME.
 
   Where the backward reads the forward's quantized X (every recipe but one
@@ -341,7 +339,6 @@ def _pack_residuals(r: Recipe, run: Execution, res: Saved, qx, add
   weight's parts (w_deq, the DGE scale) and QuEST's trust masks are left
   unnamed: a rematerialised block recomputes them.
   """
-  del run
   reuse = not r.requantizes
   x_saved = res.x if reuse else res.x_src
   if ((reuse or r.requant_from == "quantized") and qx is not None

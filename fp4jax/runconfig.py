@@ -1,8 +1,9 @@
 """The run's config, translated once: ConfigDict in, plain values out.
 
 Owns: turning the ConfigDict's sections into what the library takes
-(`model_config` -> LlamaConfig, `gemm_execution` -> its GEMMs' execution,
-`quant_rules` -> layer rules and the main recipe, `switch_back_step` / `switched_rules` / `rules_at_step` for
+(`model_config` -> the model's config, `gemm_execution` -> its GEMMs'
+execution, `quant_rules` -> layer rules and the main recipe,
+`switch_back_step` / `switched_rules` / `rules_at_step` for
 quant.switch_back, `optim.OptimConfig`), the checks of the loop's own keys
 (`check_loop_keys`, `profile_steps`) and the model's run identity
 (`model_identity`: what a workdir's checkpoints are bound to). `translate`
@@ -129,11 +130,7 @@ def bf16_tail(quant: Mapping[str, Any]) -> float:
     share = layer["bf16_tail"]
   if share is None:
     return qconfig.default_bf16_tail(quant["recipe"])
-  if (isinstance(share, bool) or not isinstance(share, (int, float))
-      or not 0 <= share < 1):
-    raise ValueError(f"quant.bf16_tail must be a share in [0, 1) (or None: "
-                     f"the recipe's own), got {share!r}")
-  return float(share)
+  return qconfig.check_share(share, "quant.bf16_tail")
 
 
 def quant_rules(quant: Mapping[str, Any], n_layers: int | None = None

@@ -318,7 +318,7 @@ def _sample_oracle(x: np.ndarray, block: int) -> np.ndarray:
 
 def test_a_new_block_format_is_one_table_entry(monkeypatch):
   monkeypatch.setitem(numerics.SCALE_FORMATS, _SAMPLE,
-                      numerics.ScaleFormat("e5m2", bits=8))
+                      numerics.ScaleFormat("e5m2"))
   spec = TensorQuant(fmt="e2m1", axis=-1, block=8, scale=_SAMPLE,
                      rounding="rne")
   rng = np.random.default_rng(0)
