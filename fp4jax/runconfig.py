@@ -182,12 +182,9 @@ def switch_back_step(quant: Mapping[str, Any], num_steps: int) -> int | None:
   Raises:
     ValueError: naming quant.switch_back / quant.switch_back_mode.
   """
-  share = quant.get("switch_back", 0.0)
+  share = qconfig.check_share(quant.get("switch_back", 0.0),
+                              "quant.switch_back")
   mode = quant.get("switch_back_mode", "forward")
-  if (isinstance(share, bool) or not isinstance(share, (int, float))
-      or not 0 <= share < 1):
-    raise ValueError(f"quant.switch_back must be a share of the steps in "
-                     f"[0, 1), got {share!r}")
   if mode not in SWITCH_BACK_MODES:
     raise ValueError(f"quant.switch_back_mode must be one of "
                      f"{SWITCH_BACK_MODES}, got {mode!r}")
