@@ -38,6 +38,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 
@@ -75,6 +76,9 @@ def _args(argv):
   p.add_argument("--moments", default="paper")
   p.add_argument("--attention_efficiency", type=float, default=0.5)
   p.add_argument("--calibrate", action="store_true")
+  p.add_argument("--breakdown", type=int, default=0,
+                 help="also print a block's N costliest groups of non-GEMM "
+                      "kernels (by jax op name), in activation passes")
   p.add_argument("--out", default="")
   return p.parse_args(argv)
 
@@ -154,13 +158,14 @@ def model_recipe(jax, devices, a, recipe: str, gpu, model,
   tail = len(qconfig.bf16_tail_blocks(cfg.n_layers, share)) if share else 0
   if tail and bf16_layer is None:
     raise ValueError(f"{recipe}'s BF16 tail needs bf16 in --recipes")
-  sums = []
+  sums, groups = [], []
   t0 = time.perf_counter()
   for layers in (1, 2):
     ks = [k for k in hlo_cost.kernels(_compile(jax, devices, a, recipe,
                                                layers))
           if k.kind != "attention"]
     sums.append(hlo_cost.summarize(ks, gpu, model))
+    groups.append(_groups(ks))
   keys = set(sums[0]) | set(sums[1])
   per_layer = {k: sums[1].get(k, 0) - sums[0].get(k, 0) for k in keys}
   keys |= set(bf16_layer or ())
@@ -170,10 +175,28 @@ def model_recipe(jax, devices, a, recipe: str, gpu, model,
   total["attention_seconds"] = cfg.n_layers * flash
   total["seconds"] += total["attention_seconds"]
   act = a.batch * a.seq * cfg.d_model * 2      # one bf16 activation
+  block = {k: tuple(v - groups[0].get(k, (0, 0))[i]
+                     for i, v in enumerate(groups[1][k]))
+           for k in groups[1]}
   return {"recipe": recipe, "per_layer": per_layer, "total": total,
           "layers": cfg.n_layers,
           "passes_per_block": per_layer.get("other_bytes", 0) / act,
+          "block_groups": {k: (b / act, n) for k, (b, n) in block.items()
+                           if b > 0},
           "compile_seconds": time.perf_counter() - t0}
+
+
+def _groups(ks) -> dict[str, tuple[float, int]]:
+  """Non-GEMM kernels by their jax op name, layer numbers and the outer
+  transforms dropped: {name: (bytes, launches)}."""
+  out: dict[str, tuple[float, int]] = {}
+  for k in ks:
+    if k.kind != "other":
+      continue
+    name = re.sub(r"\d+", "#", "/".join(k.op_name.split("/")[-3:]))
+    b, n = out.get(name, (0.0, 0))
+    out[name] = (b + k.bytes * k.count, n + k.count)
+  return out
 
 
 def floors(r: dict, base: dict) -> dict[str, float]:
@@ -231,6 +254,13 @@ def main(argv=None) -> dict:
         jax, devices, a, recipe, gpu, model,
         results["bf16"]["per_layer"] if "bf16" in results else None)
     _report(results[recipe], results.get("bf16"), gpu)
+    if a.breakdown:
+      top = sorted(results[recipe]["block_groups"].items(),
+                   key=lambda kv: -kv[1][0])[:a.breakdown]
+      print(f"  a block's costliest non-GEMM kernels (estimate; "
+            f"activation passes, launches, jax op name):")
+      for name, (passes, n) in top:
+        print(f"    {passes:7.2f} {n:4d}  {name}")
   if a.out:
     with open(a.out, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=1)
