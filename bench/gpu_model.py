@@ -175,14 +175,15 @@ def model_recipe(jax, devices, a, recipe: str, gpu, model,
   total["attention_seconds"] = cfg.n_layers * flash
   total["seconds"] += total["attention_seconds"]
   act = a.batch * a.seq * cfg.d_model * 2      # one bf16 activation
-  block = {k: tuple(v - groups[0].get(k, (0, 0))[i]
-                     for i, v in enumerate(groups[1][k]))
-           for k in groups[1]}
+  block = {}   # the second layer's groups: 2-layer minus 1-layer program
+  for k, (b2, n2) in groups[1].items():
+    b1, n1 = groups[0].get(k, (0.0, 0))
+    if b2 > b1:
+      block[k] = ((b2 - b1) / act, n2 - n1)
   return {"recipe": recipe, "per_layer": per_layer, "total": total,
           "layers": cfg.n_layers,
           "passes_per_block": per_layer.get("other_bytes", 0) / act,
-          "block_groups": {k: (b / act, n) for k, (b, n) in block.items()
-                           if b > 0},
+          "block_groups": block,
           "compile_seconds": time.perf_counter() - t0}
 
 
@@ -257,8 +258,8 @@ def main(argv=None) -> dict:
     if a.breakdown:
       top = sorted(results[recipe]["block_groups"].items(),
                    key=lambda kv: -kv[1][0])[:a.breakdown]
-      print(f"  a block's costliest non-GEMM kernels (estimate; "
-            f"activation passes, launches, jax op name):")
+      print("  a block's costliest non-GEMM kernels (estimate; "
+            "activation passes, launches, jax op name):")
       for name, (passes, n) in top:
         print(f"    {passes:7.2f} {n:4d}  {name}")
   if a.out:

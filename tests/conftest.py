@@ -26,8 +26,8 @@ def _quick_codegen(config):
   (fusion, layouts, the HLO the tests inspect) are the same at every level;
   the machine code may order f32 sums otherwise (fp4_paper's weight
   gradient at [256, 384] x [384, 128]: 26% of the elements differ, by
-  <= 6e-5 relative), which every tolerance here already covers: the suite
-  also runs on the oldest JAX, whose code differs more. The slow tests
+  <= 6e-5 relative), which every tolerance here already covers (the suite
+  also passes on the oldest JAX, another compiler). The slow tests
   train long enough for the code's speed to matter and keep XLA's default,
   as do users' runs and the benchmarks. Set before any backend starts; a
   CLI test's subprocess inherits it.
